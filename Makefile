@@ -1,0 +1,53 @@
+# detr_cuda: set-up, tests, benchmarks. `make help` lists the targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# The CPU machines install this local build; a newer or unpinned torch would
+# pull gigabytes of CUDA packages. A machine that already has torch (a GPU
+# machine with its own CUDA build) keeps it.
+TORCH_VERSION ?= 2.13.0
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+PYTEST_ARGS ?=
+
+.PHONY: help install build test test-cuda-compile bench lint demo clean
+
+help:
+	@echo "make install            install dependencies (pinned torch) and build the extension"
+	@echo "make test               run the test suite (CUDA tests skip without a GPU)"
+	@echo "make test-cuda-compile  compile every csrc/cuda/*.cu with nvcc for sm_$(firstword $(CUDA_ARCHS))..sm_$(lastword $(CUDA_ARCHS))"
+	@echo "make demo               generate the built-in dataset, train the small config, evaluate"
+	@echo "make bench              operator and model benchmarks (tables of ratios)"
+	@echo "make lint               static checks"
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -r requirements.txt
+	$(PIP) install -e . --no-build-isolation
+
+build:
+	$(PYTHON) setup.py build_ext --inplace
+
+test:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+
+# The .cu files include no torch headers, so they compile with nvcc alone even
+# where torch is a CPU build: a CUDA typo fails here, not in a user's build.
+test-cuda-compile:
+	@command -v $(NVCC) >/dev/null || { echo "nvcc not found: skipping CUDA compile check"; exit 0; }; \
+	set -e; tmp=$$(mktemp -d); \
+	for src in csrc/cuda/*.cu; do \
+	  for arch in $(CUDA_ARCHS); do \
+	    echo "nvcc sm_$$arch $$src"; \
+	    $(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$arch,code=sm_$$arch -c $$src -o $$tmp/$$(basename $$src).$$arch.o; \
+	  done; \
+	done; rm -rf $$tmp
+
+bench:
+	$(PYTHON) benchmarks/bench_msda.py
+	$(PYTHON) benchmarks/bench_model.py
+
+lint:
+	$(PYTHON) -m compileall -q detr_cuda tools tests benchmarks
+
+clean:
+	rm -rf build detr_cuda/*.so *.egg-info

@@ -1,0 +1,270 @@
+"""Typed configuration: dataclass defaults, YAML files and command-line overrides.
+
+A config file is YAML with the sections below (``model``, ``dn``, ``loss``,
+``data``, ``train``, ``eval``); ``_base_: other.yaml`` inherits another file
+(path relative to this one). ``key.sub=value`` overrides are parsed as YAML
+scalars. An unknown field or a value of the wrong type raises ``ConfigError``
+naming the field, so a typo never becomes a silent no-op.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or has a wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"            # resnet18 / resnet34 / resnet50 / resnet101
+    backbone_weights: Optional[str] = None  # torchvision-format ImageNet .pth, or None (random init)
+    train_backbone: bool = True           # False freezes the whole backbone
+    freeze_stem_and_layer1: bool = True
+    dilation: bool = False                # DC5: stride 16 instead of 32 in the last stage
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_queries: int = 300
+    num_feature_levels: int = 4           # 1 = single-scale variant
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    with_box_refine: bool = False
+    two_stage: bool = False
+    aux_loss: bool = True
+    query_type: str = "deformable"        # "deformable" (query_embed) or "anchor" (DAB-style 4-d anchors, used by DN)
+    num_classes: Optional[int] = None     # None: taken from the dataset
+    msda_backend: Optional[str] = None    # None (auto), "reference", "cpu" or "cuda"
+
+
+@dataclass
+class DNConfig:
+    enabled: bool = False
+    dn_groups: int = 5
+    label_noise_ratio: float = 0.2
+    box_noise_scale: float = 0.4
+    contrastive: bool = False             # DINO contrastive denoising (positive + negative queries)
+    max_dn_queries: int = 0               # total DN query budget (contrastive); 0 = dn_groups full copies
+
+
+@dataclass
+class LossConfig:
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"                 # "coco" (any COCO-format folder) or "synthetic"
+    train_images: Optional[str] = None
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    synthetic_dir: str = "data_generated/synthetic"
+    synthetic_train_images: int = 256
+    synthetic_val_images: int = 64
+    synthetic_image_size: int = 256
+    train_short_sides: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    train_max_size: int = 1333
+    crop_resize_sides: List[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min_size: int = 384
+    crop_max_size: int = 600
+    random_crop: bool = True
+    horizontal_flip: bool = True
+    val_short_side: int = 800
+    val_max_size: int = 1333
+    invalid_annotations: str = "fail"     # "fail" or "skip" (with a count)
+    num_workers: int = 2
+    cache_images: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    device: str = "auto"                  # "auto", "cpu", "cuda"
+    seed: int = 42
+    epochs: int = 50
+    max_steps: int = 0                    # > 0 stops after this many optimizer steps
+    batch_size: int = 2                   # per process
+    accumulate_steps: int = 1
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    lr_backbone_names: List[str] = field(default_factory=lambda: ["backbone.0"])
+    lr_linear_proj_names: List[str] = field(default_factory=lambda: ["reference_points", "sampling_offsets"])
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    lr_drop: int = 40
+    lr_drop_gamma: float = 0.1
+    warmup_steps: int = 0
+    amp: str = "none"                     # "none", "bf16", "fp16"
+    ema: bool = False
+    ema_decay: float = 0.9997
+    checkpoint_every: int = 1             # epochs between checkpoint_last.pth writes
+    keep_epoch_checkpoints: bool = False
+    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end
+    log_interval: int = 20                # iterations between log lines
+    max_bad_steps: int = 0                # non-finite losses tolerated before stopping
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    num_select: int = 100                 # top-k detections per image
+    batch_size: int = 2
+    score_threshold: float = 0.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dn: DNConfig = field(default_factory=DNConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_value(value, annotation, name):
+    """Returns value converted to ``annotation`` or raises ConfigError naming ``name``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, name)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_check_value(item, item_type, f"{name}[{i}]") for i, item in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {annotation}")
+
+
+def _merge_dict(config, values, prefix=""):
+    """Writes a nested dict of values into dataclass ``config`` in place."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(config))
+    known = {f.name for f in dataclasses.fields(config)}
+    for key, value in values.items():
+        name = prefix + str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config field '{name}' (known in this section: "
+                              f"{', '.join(sorted(known))})")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            _merge_dict(current, value, name + ".")
+        else:
+            setattr(config, key, _check_value(value, hints[key], name))
+
+
+def _load_yaml_tree(path, seen=()):
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config inheritance loop through {path}")
+    with open(path) as handle:
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = values.pop("_base_", None)
+    layers = []
+    if base is not None:
+        layers = _load_yaml_tree(path.parent / base, seen + (path,))
+    return layers + [(path, values)]
+
+
+def parse_override(text):
+    """'train.lr=1e-4' -> ('train.lr', 0.0001). Values are YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    # YAML reads 1e-4 as a string (no dot); accept it as the number it means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def apply_override(config, key, value):
+    parts = key.split(".")
+    nested = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    _merge_dict(config, nested)
+
+
+def load_config(path=None, overrides=()):
+    """Config from defaults, an optional YAML file (with _base_ chain) and overrides."""
+    config = Config()
+    if path is not None:
+        for layer_path, values in _load_yaml_tree(path):
+            try:
+                _merge_dict(config, values)
+            except ConfigError as error:
+                raise ConfigError(f"{layer_path}: {error}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(config, key, value)
+    return config
+
+
+def config_to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values):
+    """Inverse of config_to_dict (checkpoints store the resolved config as a dict)."""
+    config = Config()
+    _merge_dict(config, values)
+    return config
+
+
+def dump_config(config):
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,49 @@
+import pytest
+
+from detr_cuda.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+
+def test_defaults_are_the_published_ones():
+    config = load_config()
+    assert (config.model.hidden_dim, config.model.nheads, config.model.num_queries) == (256, 8, 300)
+    assert (config.train.lr, config.train.lr_backbone, config.train.clip_max_norm) == (2e-4, 2e-5, 0.1)
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["train.lr=1e-4", "model.two_stage=true", "data.train_short_sides=[320, 352]"])
+    assert config.train.lr == 1e-4
+    assert config.model.two_stage is True
+    assert config.data.train_short_sides == [320, 352]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config field 'train.lrr'"),
+    ("modle.two_stage=true", "unknown config field 'modle'"),
+    ("model.two_stage=3", "model.two_stage: expected true/false"),
+    ("train.epochs=1.5", "train.epochs: expected an integer"),
+    ("data.train_short_sides=5", "data.train_short_sides: expected a list"),
+    ("train.lr", "must look like section.field=value"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_base_inheritance_and_unknown_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  hidden_dim: 128\ntrain:\n  epochs: 3\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  epochs: 5\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.model.hidden_dim, config.train.epochs) == (128, 5)
+    (tmp_path / "bad.yaml").write_text("train:\n  epoch: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config field 'train\.epoch'"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dict_round_trip():
+    config = load_config(None, ["dn.enabled=true", "model.num_classes=7"])
+    assert config_from_dict(config_to_dict(config)) == config
