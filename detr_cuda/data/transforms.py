@@ -183,14 +183,16 @@ class ToTensorNormalize:
     """PIL RGB image -> (3, H, W) float normalised with mean/std; boxes -> cxcywh / (w, h, w, h)."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # (pixel / 255 - mean) / std as one multiply-add; numpy on the (H, W, 3) layout is several
+        # times faster than torch ops on the permuted view on a busy CPU.
+        std = np.asarray(std, dtype=np.float32)
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.shift = (np.asarray(mean, dtype=np.float32) / std).astype(np.float32)
 
     def __call__(self, image, target):
         width, height = image.size
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # (H, W, 3)
-        tensor = pixels.permute(2, 0, 1).float().div_(255.0)
-        tensor = (tensor - self.mean) / self.std
+        pixels = np.asarray(image, dtype=np.float32) * self.scale - self.shift  # (H, W, 3)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         target = dict(target)
         boxes = target["boxes"]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
