@@ -118,3 +118,17 @@ def test_missing_paths_are_named(tmp_path, small_dataset):
         CocoDetection(small_dataset[0], str(tmp_path / "nope.json"))
     with pytest.raises(FileNotFoundError, match="no_images"):
         CocoDetection(str(tmp_path / "no_images"), small_dataset[1])
+
+
+def test_subset_keeps_images_targets_and_category_map(small_dataset):
+    dataset = CocoDetection(*small_dataset, cache_images=True)
+    subset = dataset.subset([4, 0])
+    assert len(subset) == 2 and subset.label_to_category_id == dataset.label_to_category_id
+    for sub_index, index in enumerate([4, 0]):
+        image_a, target_a = subset[sub_index]
+        image_b, target_b = dataset[index]
+        assert image_a.tobytes() == image_b.tobytes()
+        assert all(torch.equal(target_a[k], target_b[k]) for k in target_b)
+    assert len(dataset) == 5
+    with pytest.raises(IndexError, match="subset indices"):
+        dataset.subset([5])

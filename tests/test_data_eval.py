@@ -7,9 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_paths import coco128_dir
-from detr_cuda.config import DataConfig
-from detr_cuda.data import CocoDetection, build_dataloader, build_transforms
-from detr_cuda.data.coco_eval import CocoEvaluator, format_metrics
+from detr_cuda.config import DataConfig, load_config
+from detr_cuda.data import CocoDetection, build_dataloader, build_dataset, build_transforms
+from detr_cuda.data.coco_eval import (CocoEvaluator, arrays_to_coco_results, detection_to_array, evaluate_coco,
+                                     format_metrics)
 from detr_cuda.data.synthetic import generate_synthetic_coco
 from detr_cuda.util.box_ops import box_cxcywh_to_xyxy
 
@@ -24,12 +25,19 @@ def targets_as_detections(targets):
     return detections
 
 
+def imperfect_detections(targets):
+    """Ground truth shifted by 2 px with falling scores: AP strictly between 0 and 1, so a detection
+    counted twice (an image evaluated twice) changes it."""
+    return [{**d, "boxes": d["boxes"] + 2.0, "scores": torch.linspace(1, 0.5, len(d["boxes"]))}
+            for d in targets_as_detections(targets)]
+
+
 def run_evaluation(dataset, batch_size, repeat=1, distributed=False):
     evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id)
     loader = build_dataloader(dataset, batch_size=batch_size, train=False, distributed=distributed)
     for _ in range(repeat):
         for _, _, targets in loader:
-            evaluator.update([t["image_id"] for t in targets], targets_as_detections(targets))
+            evaluator.update([t["image_id"] for t in targets], imperfect_detections(targets))
     return evaluator.evaluate()
 
 
@@ -91,10 +99,7 @@ def test_duplicates_and_batch_size_do_not_change_ap(synthetic_val):
     evaluator = CocoEvaluator(synthetic_val.load_coco_gt(), synthetic_val.label_to_category_id)
     loader = build_dataloader(synthetic_val, batch_size=2, train=False)
     for images, _, targets in loader:
-        detections = targets_as_detections(targets)
-        # shift every box so AP is below 1 and depends on each detection being counted once
-        detections = [{**d, "boxes": d["boxes"] + 2.0, "scores": torch.linspace(1, 0.5, len(d["boxes"]))}
-                      for d in detections]
+        detections = imperfect_detections(targets)
         evaluator.update([t["image_id"] for t in targets], detections)
         evaluator.update([t["image_id"] for t in targets], detections)  # as the sampler's padding would
     once = evaluator.evaluate()
@@ -103,7 +108,15 @@ def test_duplicates_and_batch_size_do_not_change_ap(synthetic_val):
 
     twice = run_evaluation(synthetic_val, batch_size=3, repeat=2)
     single = run_evaluation(synthetic_val, batch_size=1)
-    assert twice["coco_eval_bbox"] == single["coco_eval_bbox"]
+    assert twice["coco_eval_bbox"] == single["coco_eval_bbox"] == once["coco_eval_bbox"]
+
+    # Without the de-duplication the repeats would be false positives: check that this test can fail.
+    coco_gt = synthetic_val.load_coco_gt()
+    results = [r for _, _, targets in loader for t, d in zip(targets, imperfect_detections(targets))
+               for r in arrays_to_coco_results({int(t["image_id"]): detection_to_array(
+                   int(t["image_id"]), d, synthetic_val.label_to_category_id)})]
+    doubled = evaluate_coco(coco_gt, results + results, synthetic_val.image_ids.tolist())
+    assert doubled["AP"] < once["AP"]
 
 
 def test_no_detections_at_all_gives_zero_ap(synthetic_val, tmp_path):
@@ -123,26 +136,35 @@ def test_label_outside_the_map_is_a_clear_error(synthetic_val):
         evaluator.update([1], [bad])
 
 
-def _distributed_worker(rank, world_size, port, dataset, queue):
+def _synthetic_cfg(folder):
+    return load_config(None, ["data.dataset=synthetic", f"data.synthetic_dir={folder}", "data.synthetic_val_images=9",
+                              "data.synthetic_image_size=64", "data.val_short_side=48", "data.val_max_size=64"])
+
+
+def _distributed_worker(rank, world_size, port, folder, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        # rank 0 generates the set and validates it, rank 1 waits and receives the report
+        dataset = build_dataset(_synthetic_cfg(folder), "val")
         metrics = run_evaluation(dataset, batch_size=2, distributed=True)
-        queue.put((rank, metrics["coco_eval_bbox"], metrics["num_images"]))
+        queue.put((rank, metrics["coco_eval_bbox"], metrics["num_images"], dataset.report.ok))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_give_the_same_ap_as_one(synthetic_val):
+def test_two_processes_give_the_same_ap_as_one(tmp_path):
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(_distributed_worker, args=(2, port, synthetic_val, queue), nprocs=2, join=True,
+    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path), queue), nprocs=2, join=True,
                        start_method="spawn")
     results = sorted(queue.get(timeout=60) for _ in range(2))
-    single = run_evaluation(synthetic_val, batch_size=3)
-    for _, stats, num_images in results:  # 9 images over 2 ranks: the sampler repeats one
-        assert num_images == 9 and stats == single["coco_eval_bbox"]
+    dataset = build_dataset(_synthetic_cfg(tmp_path), "val")  # the set the ranks generated
+    single = run_evaluation(dataset, batch_size=3)
+    assert 0 < single["AP"] < 1
+    for _, stats, num_images, report_ok in results:  # 9 images over 2 ranks: the sampler repeats one
+        assert num_images == 9 and stats == single["coco_eval_bbox"] and report_ok

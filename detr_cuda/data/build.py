@@ -65,4 +65,4 @@ def build_dataset(cfg, split):
         raise ValueError(f"data.dataset must be 'coco' or 'synthetic', got {data_cfg.dataset!r}")
     return CocoDetection(image_dir, annotation_file, build_transforms(data_cfg, train=split == "train"),
                          invalid_annotations=data_cfg.invalid_annotations, check_images=data_cfg.check_images,
-                         cache_images=data_cfg.cache_images)
+                         cache_images=data_cfg.cache_images, share_validation=_dist_rank() is not None)
