@@ -8,6 +8,9 @@ TORCH_VERSION ?= 2.13.0
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
+# The flags torch.utils.cpp_extension adds to every nvcc call.
+TORCH_NVCC_FLAGS = -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+	-D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 
 .PHONY: help install build test test-cuda-compile bench lint demo clean
 
@@ -41,7 +44,7 @@ test-cuda-compile:
 	for src in csrc/cuda/*.cu; do \
 	  for arch in $(CUDA_ARCHS); do \
 	    echo "nvcc sm_$$arch $$src"; \
-	    $(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$arch,code=sm_$$arch -c $$src -o $$tmp/$$(basename $$src).$$arch.o; \
+	    $(NVCC) -std=c++17 -O3 -Icsrc $(TORCH_NVCC_FLAGS) -gencode arch=compute_$$arch,code=sm_$$arch -c $$src -o $$tmp/$$(basename $$src).$$arch.o; \
 	  done; \
 	done; \
 	torch_includes=$$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; import sysconfig; print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))" 2>/dev/null) || { echo "torch not importable: skipping the glue check"; rm -rf $$tmp; exit 0; }; \

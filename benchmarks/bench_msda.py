@@ -20,9 +20,11 @@ Timing: CPU wall clock (time.perf_counter); GPU CUDA events around each call.
 Medians over --reps after --warmup. Backward is timed alone (the forward that
 builds its graph is outside the timer).
 Peak memory: GPU torch.cuda.max_memory_allocated over one forward+backward,
-minus what was allocated before. CPU: the growth of the peak resident set
-size (ru_maxrss) during one forward+backward, in a fresh subprocess per row
-(a lower bound: input creation's own peak is not counted).
+minus what was allocated before. CPU: peak resident set size (ru_maxrss)
+during one forward+backward minus the resident set just before it, in a fresh
+subprocess per row with glibc's mmap threshold fixed at 64 KiB (so freed
+large blocks leave the resident set); "nan" if that peak never rose above
+the one left by creating the inputs.
 
 --baseline PATH imports an ALREADY BUILT original Deformable DETR extension
 (MultiScaleDeformableAttention*.so, built outside this repository) by path and
@@ -212,8 +214,12 @@ def peak_memory_mb(backend, inputs, grad_output, device, shape_name, dtype_name,
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
     command = [sys.executable, os.path.abspath(__file__), "--memory-probe", shape_name, backend.name, dtype_name,
                "--distribution", args.distribution]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    # A fixed mmap threshold makes glibc return every large block to the OS on
+    # free, so the resident set follows what is really allocated.
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment)
     if result.returncode != 0:
+        print(f"# memory probe failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return float("nan")
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -225,14 +231,18 @@ def memory_probe(shape_name, backend_name, dtype_name, distribution):
     backend = OursBackend(backend_name)
     # One small call first, so thread pools and other one-time set-up are not counted.
     small = make_inputs("enc320", DTYPES[dtype_name], "cpu", distribution)
-    backend.forward_backward([t[:1, :64] if t.dim() > 2 else t for t in small[:1]] + list(small[1:3])
-                             + [t[:1, :8] for t in small[3:]],
+    backend.forward_backward([small[0][:1], small[1], small[2], small[3][:1, :8], small[4][:1, :8]],
                              torch.zeros(1, 8, HEADS * CHANNELS, dtype=DTYPES[dtype_name]))
     del small
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with open("/proc/self/status") as status:
+        resident_before = int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
     backend.forward_backward(inputs, grad_output)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if peak_after <= peak_before:  # the run never rose above an earlier peak: unmeasured
+        print("nan")
+    else:
+        print((peak_after - resident_before) / 1024)
 
 
 # ------------------------------------------------------------------ floors

@@ -95,7 +95,7 @@ def _warn_fallback(device):
     else:
         why = f"the compiled extension has no kernel for {device.type} tensors"
     warnings.warn(f"ms_deform_attn: {why}; using the slow pure-PyTorch reference backend. To use the "
-                  f"compiled kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+                  f"compiled kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend, device):
