@@ -32,7 +32,7 @@ def test_backends_agree(device, variant):
             if isinstance(module, MSDeformAttn):
                 module.sampling_offsets.bias.add_(0.1 * torch.randn_like(module.sampling_offsets.bias))
     model.to(device)
-    images, mask = padded_batch([(96, 128), (80, 100)])
+    images, mask = padded_batch([(64, 96), (48, 80)])
     images, mask = images.to(device), mask.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in random_targets([2, 1], 4)]
     assert set_msda_backend(model, "reference") == 1 + 2  # one per encoder and decoder layer

@@ -130,7 +130,7 @@ class DeformableDETR(nn.Module):
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
             reference = inverse_sigmoid(init_reference if layer == 0 else inter_references[layer - 1])
-            box_logits = self.bbox_embed[layer](hs[layer])
+            box_logits = self.bbox_embed[layer](hs[layer]).float()  # boxes in float32 under autocast
             if reference.shape[-1] == 4:
                 box_logits = box_logits + reference
             else:
