@@ -4,9 +4,10 @@ for every available MSDeformAttn backend, side by side.
     python benchmarks/bench_model.py                 # GPU if present: R50, 800x1333-like batch
     python benchmarks/bench_model.py --device cpu    # small config on the CPU
 
-Each backend runs in its own subprocess so the CPU peak (max RSS of that
-process) belongs to that backend alone; on CUDA the peak is
-torch.cuda.max_memory_allocated. One step = forward, criterion, backward
+Each backend runs in its own subprocess. Peak memory covers the timed steps
+only: on CUDA torch.cuda.max_memory_allocated after a reset, on the CPU the
+process's peak RSS (VmHWM, reset after warm-up through /proc/self/clear_refs;
+where that is impossible, the whole process's ru_maxrss). One step = forward, criterion, backward
 (no optimizer step). Prints a table; --json writes the rows too.
 """
 import argparse
@@ -59,6 +60,24 @@ def make_batch(sizes, num_classes, device):
     return images.to(device), mask.to(device), targets
 
 
+def reset_cpu_peak():
+    """Resets the process's peak RSS (Linux: VmHWM via /proc/self/clear_refs). False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_mib():
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 def measure(backend, device, variant, iterations, warmup, threads):
     """Runs one backend in this process; returns a result row."""
     if threads:
@@ -85,6 +104,8 @@ def measure(backend, device, variant, iterations, warmup, threads):
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        cpu_peak_reset = reset_cpu_peak()
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
@@ -96,7 +117,7 @@ def measure(backend, device, variant, iterations, warmup, threads):
     if device == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_mib = cpu_peak_mib() if cpu_peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"backend": backend, "device": device, "variant": variant, "batch": len(preset["sizes"]),
             "sizes": preset["sizes"], "ms_per_image": 1000 * median / len(preset["sizes"]),
             "min_ms_per_image": 1000 * times[0] / len(preset["sizes"]), "peak_mib": peak_mib,
