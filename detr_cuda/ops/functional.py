@@ -257,3 +257,12 @@ if _C is not None:
         return grad_value, None, None, grad_locations, grad_attention
 
     torch.library.register_autograd("detr_cuda::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError("ms_deform_attn has no second derivative (double backward); the compiled "
+                                  "backends support first-order gradients only, use backend='reference' for more")
+
+    # Without this, differentiating the backward would silently give wrong
+    # (missing) terms; with it, it raises.
+    torch.library.register_autograd("detr_cuda::ms_deform_attn_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
