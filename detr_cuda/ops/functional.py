@@ -54,6 +54,10 @@ BACKENDS = ("cpu", "cuda", "reference")
 BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (or `make install`); "
               "in a checkout, `python setup.py build_ext --inplace` builds it in place")
 _VALUE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LAYOUTS = {"value": "(B, S, H, C)", "spatial_shapes": "(L, 2)", "level_start_index": "(L,)",
+            "sampling_locations": "(B, Q, H, L, P, 2)", "attention_weights": "(B, Q, H, L, P)"}
+_RANKS = {"value": 4, "spatial_shapes": 2, "level_start_index": 1, "sampling_locations": 6,
+          "attention_weights": 5}
 
 _fallback_warned = False
 # (spatial_shapes ref, its version, level_start_index ref, its version, S) of
@@ -136,12 +140,9 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     for name, tensor in named:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    layouts = {"value": "(B, S, H, C)", "spatial_shapes": "(L, 2)", "level_start_index": "(L,)",
-               "sampling_locations": "(B, Q, H, L, P, 2)", "attention_weights": "(B, Q, H, L, P)"}
     for name, tensor in named:
-        rank = layouts[name].count(",") + (1 if not layouts[name].endswith(",)") else 0)
-        if tensor.dim() != rank:
-            raise ValueError(f"ms_deform_attn: {name} must be {rank}-d {layouts[name]}, "
+        if tensor.dim() != _RANKS[name]:
+            raise ValueError(f"ms_deform_attn: {name} must be {_RANKS[name]}-d {_LAYOUTS[name]}, "
                              f"got shape {tuple(tensor.shape)}")
     batch, _, heads, _ = value.shape
     levels = spatial_shapes.shape[0]
@@ -156,7 +157,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(
                 f"ms_deform_attn: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
-                f"{layouts[name]} from value {tuple(value.shape)}, spatial_shapes {tuple(spatial_shapes.shape)} "
+                f"{_LAYOUTS[name]} from value {tuple(value.shape)}, spatial_shapes {tuple(spatial_shapes.shape)} "
                 f"and sampling_locations {tuple(sampling_locations.shape)}")
 
     if value.dtype not in _VALUE_DTYPES:
