@@ -33,6 +33,12 @@ bitwise deterministic (no atomics); the CUDA backward's grad_value uses float
 atomics, so it may differ in the last bits from run to run (grad of locations
 and weights are deterministic). Custom ops are outside
 torch.use_deterministic_algorithms.
+
+Gradients: first order for value, sampling_locations and attention_weights;
+differentiating the compiled backward again raises NotImplementedError.
+Checks: shapes, dtypes and devices on every call; the level geometry
+(S == sum H_l*W_l, level_start_index) once per spatial_shapes tensor, which on
+a GPU costs one small device-to-host copy (skipped while torch.compile traces).
 """
 import os
 import warnings
