@@ -32,7 +32,7 @@ def build_extension():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # -fopenmp-simd only honours `#pragma omp simd` (vectorised channel loops);
     # it links no OpenMP runtime.
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17", "-fopenmp-simd"]}
+    extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else ["-O3", "-std=c++17", "-fopenmp-simd"]}
     define_macros = []
     if want_cuda():
         if torch.version.cuda is None:

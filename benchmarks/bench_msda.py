@@ -20,11 +20,11 @@ Timing: CPU wall clock (time.perf_counter); GPU CUDA events around each call.
 Medians over --reps after --warmup. Backward is timed alone (the forward that
 builds its graph is outside the timer).
 Peak memory: GPU torch.cuda.max_memory_allocated over one forward+backward,
-minus what was allocated before. CPU: peak resident set size (ru_maxrss)
-during one forward+backward minus the resident set just before it, in a fresh
-subprocess per row with glibc's mmap threshold fixed at 64 KiB (so freed
-large blocks leave the resident set); "nan" if that peak never rose above
-the one left by creating the inputs.
+minus what was allocated before. CPU (Linux): the peak resident set size
+(VmHWM, reset through /proc/self/clear_refs just before) during one
+forward+backward minus the resident set before it, in a fresh subprocess per
+row with glibc's mmap threshold fixed at 64 KiB so that freed large blocks
+leave the resident set.
 
 --baseline PATH imports an ALREADY BUILT original Deformable DETR extension
 (MultiScaleDeformableAttention*.so, built outside this repository) by path and
@@ -42,7 +42,6 @@ import importlib.util
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -218,7 +217,7 @@ def peak_memory_mb(backend, inputs, grad_output, device, shape_name, dtype_name,
     # free, so the resident set follows what is really allocated.
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment)
-    if result.returncode != 0:
+    if result.returncode != 0 or "nan" in result.stdout:
         print(f"# memory probe failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return float("nan")
     return float(result.stdout.strip().splitlines()[-1])
@@ -234,15 +233,21 @@ def memory_probe(shape_name, backend_name, dtype_name, distribution):
     backend.forward_backward([small[0][:1], small[1], small[2], small[3][:1, :8], small[4][:1, :8]],
                              torch.zeros(1, 8, HEADS * CHANNELS, dtype=DTYPES[dtype_name]))
     del small
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    with open("/proc/self/status") as status:
-        resident_before = int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
-    backend.forward_backward(inputs, grad_output)
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if peak_after <= peak_before:  # the run never rose above an earlier peak: unmeasured
+    # Reset the kernel's resident-set high-water mark (VmHWM), then read it back.
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # not Linux: no measurement
         print("nan")
-    else:
-        print((peak_after - resident_before) / 1024)
+        return
+    resident_before = status_kib("VmRSS")
+    backend.forward_backward(inputs, grad_output)
+    print((status_kib("VmHWM") - resident_before) / 1024)
+
+
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field + ":")).split()[1])
 
 
 # ------------------------------------------------------------------ floors
