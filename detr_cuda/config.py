@@ -116,10 +116,11 @@ class TrainConfig:
     ema_decay: float = 0.9997
     checkpoint_every: int = 1             # epochs between checkpoint_last.pth writes
     keep_epoch_checkpoints: bool = False
-    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end
+    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end, -1 = never
     log_interval: int = 20                # iterations between log lines
     max_bad_steps: int = 0                # non-finite losses tolerated before stopping
     deterministic: bool = False
+    dist_timeout_s: int = 1800            # collective timeout: a dead or hung peer stops the others after this
 
 
 @dataclass
