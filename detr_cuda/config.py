@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet50"            # resnet18 / resnet34 / resnet50 / resnet101
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet .pth, or None (random init)
+    backbone_width: int = 64              # stem channels (stages 1x, 2x, 4x, 8x); 64 = torchvision ResNet, less for CPU demos
     train_backbone: bool = True           # False freezes the whole backbone
     freeze_stem_and_layer1: bool = True
     dilation: bool = False                # DC5: stride 16 instead of 32 in the last stage

@@ -1,58 +1,47 @@
-"""Evaluation: model + postprocessor over a loader, gathered over ranks, scored by the COCO evaluator.
+"""Evaluation: model + postprocessor over a loader, scored by the data package's COCO evaluator.
 
-Predictions are keyed by image id, so the duplicates that the distributed
-sampler adds to even out shards collapse, and the result does not depend on
-the number of processes or the batch size (images are padded with a mask).
+The evaluator keys detections by image id, so the duplicates that the
+distributed sampler adds to even out shards count once and the result does
+not depend on the number of processes or the batch size (images are padded
+with a mask).
 """
 import time
 
 import torch
 
-from . import distributed
+from ..data.coco_eval import CocoEvaluator, format_metrics
 from .train_loop import autocast_context, move_to_device
 
 
 @torch.no_grad()
-def predict(model, postprocessor, loader, device, amp="none", score_threshold=0.0):
-    """{image_id: {scores (k,), labels (k,) int64, boxes (k, 4) xyxy in original-image pixels}} on CPU."""
+def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print):
+    """COCO bbox metrics of ``model`` on ``loader`` (every rank calls it; every rank gets the result).
+
+    Returns the evaluator's metrics dict: "AP", "AP50", "AP75", "APs", "APm", "APl", "AR*",
+    "coco_eval_bbox" (the 12 stats), "per_class" (list of {category_id, name, num_gt, AP, AP50}),
+    "num_images", "num_detections", "summary". Rank 0 writes eval.json and detections.json
+    into ``output_dir``.
+    """
+    started = time.time()
     model.eval()
-    predictions = {}
+    evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id,
+                              score_threshold=cfg.eval.score_threshold)
     for images, masks, targets in loader:
         images, masks, targets = move_to_device(images, masks, targets, device)
-        with autocast_context(device, amp):
+        with autocast_context(device, cfg.train.amp):
             outputs = model(images, masks)
         original_sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocessor(outputs, original_sizes)
-        for target, result in zip(targets, results):
-            keep = result["scores"] >= score_threshold
-            predictions[int(target["image_id"])] = {k: v[keep].float().cpu() if k != "labels" else v[keep].cpu()
-                                                    for k, v in result.items()}
-    return predictions
+        evaluator.update([t["image_id"] for t in targets], postprocessor(outputs, original_sizes))
+    metrics = evaluator.evaluate(output_dir)
+    log(format_metrics(metrics))
+    log(f"evaluated {metrics['num_images']} images in {time.time() - started:.1f}s "
+        f"(top-{cfg.eval.num_select} detections per image, score >= {cfg.eval.score_threshold})")
+    return metrics
 
 
-def gather_predictions(predictions):
-    """Every rank's predictions merged on rank 0 (None elsewhere); duplicates collapse by image id."""
-    gathered = distributed.all_gather_object(predictions)
-    if not distributed.is_main_process():
-        return None
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
+SCALAR_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
-def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print):
-    """Runs COCO evaluation; on rank 0 returns {"metrics": {AP, AP50, ...}, "coco_stats": [12 floats],
-    "per_class": [...]}, elsewhere None. Writes eval.json and detections into ``output_dir`` (rank 0)."""
-    from ..data import CocoEvaluator
-    started = time.time()
-    local = predict(model, postprocessor, loader, device, cfg.train.amp, cfg.eval.score_threshold)
-    predictions = gather_predictions(local)
-    if predictions is None:
-        return None
-    evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id, dataset.class_names)
-    result = evaluator.evaluate(predictions, output_dir=output_dir)
-    log(evaluator.format_table(result))
-    log(f"evaluated {len(predictions)} images in {time.time() - started:.1f}s "
-        f"(top-{cfg.eval.num_select} detections per image)")
-    return result
+def scalar_metrics(metrics):
+    """The headline numbers of a metrics dict, for log lines and TensorBoard."""
+    return {name: metrics[name] for name in SCALAR_METRICS if name in metrics}

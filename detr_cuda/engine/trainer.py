@@ -17,7 +17,7 @@ from .. import config as config_module
 from . import checkpoint as ckpt_io
 from . import distributed
 from .ema import ModelEMA
-from .evaluate import evaluate
+from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
 from .signals import StopRequest
@@ -235,13 +235,13 @@ class Trainer:
 
     def run_evaluation(self):
         eval_model = self.ema.module if self.ema is not None else self.model
-        stats = evaluate(eval_model, self.postprocessor, self.val_loader, self.val_dataset, self.device,
-                         self.cfg, self.output_dir, log=self.logger.info)
-        if self.is_main and stats is not None:
-            self.logger.record("eval", {"epoch": self.state.epoch, "iteration": self.state.step,
-                                        "ema": self.ema is not None, **stats["metrics"]})
-            self.logger.scalars("eval", stats["metrics"], self.state.step)
-        return distributed.broadcast_object(stats)
+        metrics = evaluate(eval_model, self.postprocessor, self.val_loader, self.val_dataset, self.device,
+                           self.cfg, self.output_dir, log=self.logger.info)
+        headline = scalar_metrics(metrics)
+        self.logger.record("eval", {"epoch": self.state.epoch, "iteration": self.state.step,
+                                    "ema": self.ema is not None, **headline})
+        self.logger.scalars("eval", headline, self.state.step)
+        return metrics
 
     def train(self):
         """Runs to the end; returns 0 (finished or stopped cleanly). Raises on errors."""
@@ -266,12 +266,10 @@ class Trainer:
                 due = train_cfg.eval_every > 0 and reason == "epoch_done" and self.state.epoch % train_cfg.eval_every == 0
                 is_best = False
                 if self.val_loader is not None and reason != "stopped" and (due or finished_run):
-                    stats = self.run_evaluation()
-                    if stats is not None:
-                        record["test_coco_eval_bbox"] = stats["coco_stats"]
-                        ap = stats["metrics"]["AP"]
-                        if self.state.best_ap is None or ap > self.state.best_ap:
-                            self.state.best_ap, is_best = ap, True
+                    metrics = self.run_evaluation()
+                    record["test_coco_eval_bbox"] = metrics["coco_eval_bbox"]
+                    if self.state.best_ap is None or metrics["AP"] > self.state.best_ap:
+                        self.state.best_ap, is_best = metrics["AP"], True
                 if self.is_main:
                     self.logger.record("epoch", record)
                     self.logger.scalars("epoch", {k: v for k, v in record.items() if k.startswith("train_")},
