@@ -94,7 +94,7 @@ def _make_checkpoint(model, optimizer, lr_scheduler, scaler, ema, state, cfg, ca
         "world_size": distributed.get_world_size(),
         "config": config_module.config_to_dict(cfg),
         "category_map": category_map,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 
@@ -172,11 +172,7 @@ class Trainer:
         if train_cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, train_cfg.max_steps)
 
-        self.ddp_model = self.model
-        if self.world_size > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+        self.ddp_model = self.wrap_model()
         self.optimizer = build_optimizer(self.model, train_cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if train_cfg.amp == "fp16" else None
@@ -185,6 +181,15 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint, resume_path)
         self.stop = StopRequest().install()
+
+    def wrap_model(self):
+        """The model DistributedDataParallel-wrapped for a multi-process run (itself otherwise)."""
+        if self.world_size == 1:
+            return self.model
+        # Variants (two-stage, DN) may leave some parameters out of a step's graph.
+        return torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=True)
 
     def _resolve_resume(self, resume):
         if resume is None:
@@ -290,6 +295,11 @@ class Trainer:
             path = self.save(ckpt_io.LAST_NAME)
             raise NonFiniteLossError(f"{error}. Stopped; the last good state is saved in {path}. Lower train.lr, "
                                      "check the data, or raise train.max_bad_steps to skip such steps.") from None
+        except RuntimeError as error:
+            converted = distributed.peer_failure(error, f"training step {self.state.step + 1}")
+            if converted is None:
+                raise
+            raise converted from error
         finally:
             self.stop.uninstall()
         log(f"training finished at iteration {self.state.step} ({reason}) in {format_seconds(time.time() - started)}; "
