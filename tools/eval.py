@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):

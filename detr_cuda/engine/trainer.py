@@ -20,7 +20,7 @@ from .ema import ModelEMA
 from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
-from .signals import StopRequest
+from .signals import StopRequest, WorkerSignalShield
 from .train_loop import NonFiniteLossError, TrainState, train_one_epoch
 from .weights import load_weights
 
@@ -167,6 +167,9 @@ class Trainer:
             self.val_loader = build_dataloader(self.val_dataset, cfg.eval.batch_size, train=False,
                                                distributed=self.world_size > 1, num_workers=cfg.data.num_workers,
                                                seed=train_cfg.seed)
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.worker_init_fn = WorkerSignalShield(loader.worker_init_fn)
         self.steps_per_epoch = max(1, -(-len(self.train_loader) // max(1, train_cfg.accumulate_steps)))
         self.total_steps = train_cfg.epochs * self.steps_per_epoch
         if train_cfg.max_steps > 0:
