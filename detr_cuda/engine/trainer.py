@@ -59,6 +59,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def describe_environment(device):
+    """What a bug report needs: versions, device, the git commit of this checkout."""
+    import subprocess
+    info = {"torch": str(torch.__version__), "cuda": str(torch.version.cuda), "device": str(device),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                     text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = "unknown"
+    return info
+
+
 def build_datasets(cfg, log):
     """(train_dataset, val_dataset or None) through the data package."""
     from ..data import build_dataset
@@ -135,6 +151,9 @@ class Trainer:
 
         self.logger = RunLogger(self.output_dir, enabled=self.is_main)
         log = self.logger.info
+        environment = describe_environment(self.device)
+        log("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()))
+        self.logger.record("run", {"world_size": self.world_size, **environment})
         log(f"detr_cuda training: world size {self.world_size}, device {self.device}, "
             f"batch {train_cfg.batch_size}/process x {self.world_size} x accumulate {train_cfg.accumulate_steps} "
             f"= {train_cfg.batch_size * self.world_size * train_cfg.accumulate_steps} images per step")
