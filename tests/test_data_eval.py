@@ -7,9 +7,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_paths import coco128_dir
-from detr_cuda.config import DataConfig
-from detr_cuda.data import CocoDetection, build_dataloader, build_transforms
-from detr_cuda.data.coco_eval import CocoEvaluator, format_metrics
+from detr_cuda.config import DataConfig, load_config
+from detr_cuda.data import CocoDetection, build_dataloader, build_dataset, build_transforms
+from detr_cuda.data.coco_eval import (CocoEvaluator, arrays_to_coco_results, detection_to_array, evaluate_coco,
+                                     format_metrics)
 from detr_cuda.data.synthetic import generate_synthetic_coco
 from detr_cuda.util.box_ops import box_cxcywh_to_xyxy
 
@@ -24,12 +25,19 @@ def targets_as_detections(targets):
     return detections
 
 
+def imperfect_detections(targets):
+    """Ground truth shifted by 2 px with falling scores: AP strictly between 0 and 1, so a detection
+    counted twice (an image evaluated twice) changes it."""
+    return [{**d, "boxes": d["boxes"] + 2.0, "scores": torch.linspace(1, 0.5, len(d["boxes"]))}
+            for d in targets_as_detections(targets)]
+
+
 def run_evaluation(dataset, batch_size, repeat=1, distributed=False):
     evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id)
     loader = build_dataloader(dataset, batch_size=batch_size, train=False, distributed=distributed)
     for _ in range(repeat):
         for _, _, targets in loader:
-            evaluator.update([t["image_id"] for t in targets], targets_as_detections(targets))
+            evaluator.update([t["image_id"] for t in targets], imperfect_detections(targets))
     return evaluator.evaluate()
 
 
@@ -51,20 +59,20 @@ def evaluate_batches(dataset, batches, output_dir=None, drop_label=None):
         if drop_label is not None:
             detections = [{k: v[d["labels"] != drop_label] for k, v in d.items()} for d in detections]
         evaluator.update([t["image_id"] for t in targets], detections)
-    return evaluator.evaluate(output_dir)
+    return evaluator.evaluate(output_dir=output_dir)
 
 
 def test_ground_truth_as_detections_gives_ap_1_on_coco128(coco128_val, tmp_path):
     metrics = evaluate_batches(*coco128_val, output_dir=tmp_path)
-    assert metrics["AP"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP75"] == pytest.approx(1.0)
+    assert metrics["metrics"]["AP"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["metrics"]["AP50"] == pytest.approx(1.0) and metrics["metrics"]["AP75"] == pytest.approx(1.0)
     assert metrics["num_images"] == 128 and metrics["num_detections"] == 929  # 939 minus 10 crowd
     rows = {row["category_id"]: row for row in metrics["per_class"]}
     assert len(rows) == 80 and sum(r["AP"] is not None for r in rows.values()) == 71
     assert rows[1]["name"] == "person" and rows[1]["AP"] == pytest.approx(1.0)
     with open(tmp_path / "eval.json") as handle:
         written = json.load(handle)
-    assert written["AP"] == metrics["AP"] and len(written["coco_eval_bbox"]) == 12
+    assert written["metrics"] == metrics["metrics"] and len(written["coco_stats"]) == 12
     with open(tmp_path / "detections.json") as handle:
         detections = json.load(handle)
     assert len(detections) == 929 and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
@@ -77,7 +85,7 @@ def test_missing_class_lowers_only_that_class(coco128_val):
     metrics = evaluate_batches(*coco128_val, drop_label=person)
     rows = {row["category_id"]: row for row in metrics["per_class"]}
     assert rows[1]["AP"] == 0.0 and rows[2]["AP"] in (None, pytest.approx(1.0))
-    assert metrics["AP"] == pytest.approx(70 / 71, abs=1e-6)
+    assert metrics["metrics"]["AP"] == pytest.approx(70 / 71, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +99,36 @@ def test_duplicates_and_batch_size_do_not_change_ap(synthetic_val):
     evaluator = CocoEvaluator(synthetic_val.load_coco_gt(), synthetic_val.label_to_category_id)
     loader = build_dataloader(synthetic_val, batch_size=2, train=False)
     for images, _, targets in loader:
-        detections = targets_as_detections(targets)
-        # shift every box so AP is below 1 and depends on each detection being counted once
-        detections = [{**d, "boxes": d["boxes"] + 2.0, "scores": torch.linspace(1, 0.5, len(d["boxes"]))}
-                      for d in detections]
+        detections = imperfect_detections(targets)
         evaluator.update([t["image_id"] for t in targets], detections)
         evaluator.update([t["image_id"] for t in targets], detections)  # as the sampler's padding would
     once = evaluator.evaluate()
     assert once["num_detections"] == sum(len(t["labels"]) for _, _, ts in loader for t in ts)
-    assert 0 < once["AP"] < 1
+    assert 0 < once["metrics"]["AP"] < 1
 
     twice = run_evaluation(synthetic_val, batch_size=3, repeat=2)
     single = run_evaluation(synthetic_val, batch_size=1)
-    assert twice["coco_eval_bbox"] == single["coco_eval_bbox"]
+    assert twice["coco_stats"] == single["coco_stats"] == once["coco_stats"]
+
+    # Without the de-duplication the repeats would be false positives: check that this test can fail.
+    coco_gt = synthetic_val.load_coco_gt()
+    results = [r for _, _, targets in loader for t, d in zip(targets, imperfect_detections(targets))
+               for r in arrays_to_coco_results({int(t["image_id"]): detection_to_array(
+                   int(t["image_id"]), d, synthetic_val.label_to_category_id)})]
+    doubled = evaluate_coco(coco_gt, results + results, synthetic_val.image_ids.tolist())
+    assert doubled["metrics"]["AP"] < once["metrics"]["AP"]
+
+
+def test_pre_gathered_predictions_and_class_names(synthetic_val):
+    loader = build_dataloader(synthetic_val, batch_size=4, train=False)
+    predictions = {int(t["image_id"]): d for _, _, targets in loader
+                   for t, d in zip(targets, imperfect_detections(targets))}
+    names = ["disc", "box", "tri", "plus"]
+    evaluator = CocoEvaluator(synthetic_val.load_coco_gt(), synthetic_val.label_to_category_id, names)
+    result = evaluator.evaluate(predictions)
+    assert result["coco_stats"] == run_evaluation(synthetic_val, batch_size=2)["coco_stats"]
+    assert [row["name"] for row in result["per_class"]] == names
+    assert "plus" in evaluator.format_table(result)
 
 
 def test_no_detections_at_all_gives_zero_ap(synthetic_val, tmp_path):
@@ -111,8 +136,9 @@ def test_no_detections_at_all_gives_zero_ap(synthetic_val, tmp_path):
     for index in range(len(synthetic_val)):
         empty = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
         evaluator.update([int(synthetic_val.image_ids[index])], [empty])
-    metrics = evaluator.evaluate(tmp_path)
-    assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0 and metrics["num_detections"] == 0
+    metrics = evaluator.evaluate(output_dir=tmp_path)
+    assert metrics["metrics"]["AP"] == 0.0 and metrics["metrics"]["AP50"] == 0.0
+    assert metrics["num_detections"] == 0
     assert os.path.isfile(tmp_path / "eval.json")
 
 
@@ -123,26 +149,35 @@ def test_label_outside_the_map_is_a_clear_error(synthetic_val):
         evaluator.update([1], [bad])
 
 
-def _distributed_worker(rank, world_size, port, dataset, queue):
+def _synthetic_cfg(folder):
+    return load_config(None, ["data.dataset=synthetic", f"data.synthetic_dir={folder}", "data.synthetic_val_images=9",
+                              "data.synthetic_image_size=64", "data.val_short_side=48", "data.val_max_size=64"])
+
+
+def _distributed_worker(rank, world_size, port, folder, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        # rank 0 generates the set and validates it, rank 1 waits and receives the report
+        dataset = build_dataset(_synthetic_cfg(folder), "val")
         metrics = run_evaluation(dataset, batch_size=2, distributed=True)
-        queue.put((rank, metrics["coco_eval_bbox"], metrics["num_images"]))
+        queue.put((rank, metrics["coco_stats"], metrics["num_images"], dataset.report.ok))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_give_the_same_ap_as_one(synthetic_val):
+def test_two_processes_give_the_same_ap_as_one(tmp_path):
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(_distributed_worker, args=(2, port, synthetic_val, queue), nprocs=2, join=True,
+    mp.start_processes(_distributed_worker, args=(2, port, str(tmp_path), queue), nprocs=2, join=True,
                        start_method="spawn")
     results = sorted(queue.get(timeout=60) for _ in range(2))
-    single = run_evaluation(synthetic_val, batch_size=3)
-    for _, stats, num_images in results:  # 9 images over 2 ranks: the sampler repeats one
-        assert num_images == 9 and stats == single["coco_eval_bbox"]
+    dataset = build_dataset(_synthetic_cfg(tmp_path), "val")  # the set the ranks generated
+    single = run_evaluation(dataset, batch_size=3)
+    assert 0 < single["metrics"]["AP"] < 1
+    for _, stats, num_images, report_ok in results:  # 9 images over 2 ranks: the sampler repeats one
+        assert num_images == 9 and stats == single["coco_stats"] and report_ok

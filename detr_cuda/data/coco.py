@@ -10,10 +10,14 @@ Crowd regions (``iscrowd=1``) are left out of the training targets; they stay
 in the ground truth that :meth:`CocoDetection.load_coco_gt` returns, where
 pycocotools treats them as "ignore" regions. Images without boxes are kept.
 
+EXIF orientation is not applied: COCO boxes refer to the stored pixel layout
+(the validator reports files whose size differs from the JSON's).
+
 Per-image data is held in flat numpy arrays (not lists of dicts), so forked
 data-loader workers do not slowly copy the parent's annotation objects.
 """
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -53,6 +57,12 @@ def coco_from_dict(coco_dict):
     return coco
 
 
+def _dist_rank():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return None
+
+
 def to_rgb(image):
     """Any PIL mode (L, LA, P, CMYK, RGBA, 16-bit or float grayscale) -> RGB."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -81,20 +91,35 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir, annotation_file, transforms=None, invalid_annotations="fail",
-                 check_images="header", cache_images=False):
+                 check_images="header", cache_images=False, share_validation=False):
+        """``share_validation``: under torch.distributed, rank 0 alone runs the validation (the file
+        checks cost I/O) and broadcasts its report; every rank must then build the dataset."""
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"image folder not found: {image_dir}")
         self.image_dir = image_dir
         self.annotation_file = annotation_file
         self.transforms = transforms
         raw = load_instances_json(annotation_file)
-        self.report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file)
-        coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations))
+        rank = _dist_rank() if share_validation else None
+        if rank is None:
+            self.report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file)
+        else:
+            box = [validate_coco_dict(raw, image_dir, check_images, source=annotation_file) if rank == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.report = box[0]
+        coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations, log=rank in (None, 0)))
+        raw_count = len(raw["images"])
         del raw
 
-        categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
-        if not categories:
-            raise ValueError(f"{annotation_file}: 'categories' is empty")
+        categories = coco.dataset["categories"]
+        ids = [c.get("id") if isinstance(c, dict) else None for c in categories]
+        if not categories or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
+                or len(set(ids)) != len(ids):
+            raise ValueError(f"{annotation_file}: 'categories' must be a non-empty list of entries with "
+                             f"distinct integer ids, got ids {ids[:20]}")
+        if not coco.imgs:
+            raise ValueError(f"{annotation_file}: no images" + (" left after validation" if raw_count else ""))
+        categories = sorted(categories, key=lambda c: c["id"])
         self.label_to_category_id = [int(c["id"]) for c in categories]
         self.class_names = [str(c.get("name", c["id"])) for c in categories]
         self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.label_to_category_id)}
@@ -134,6 +159,29 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.report.ok:  # the dataset was built with policy "skip", else it would have raised
             raw = apply_policy(raw, self.report, "skip", log=False)
         return coco_from_dict(raw)
+
+    def subset(self, indices):
+        """A dataset over entries ``indices`` only (same category map, transforms and ground truth file).
+
+        Use this rather than ``torch.utils.data.Subset``, which cannot take the
+        (index, seed) keys of the training sampler. Evaluation counts only the
+        images seen, so the full ground truth still evaluates a subset correctly.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"subset indices must be in [0, {len(self)}), got {indices.min()}..{indices.max()}")
+        starts, ends = self.box_offsets[indices], self.box_offsets[indices + 1]
+        box_index = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
+        subset = copy.copy(self)
+        subset.image_ids, subset.file_names = self.image_ids[indices], self.file_names[indices]
+        subset.box_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        subset.boxes_xywh, subset.labels = self.boxes_xywh[box_index], self.labels[box_index]
+        if self._cache is not None:
+            data, offsets = self._cache
+            chunks = [data[offsets[i]:offsets[i + 1]] for i in indices]
+            new_offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+            subset._cache = (np.concatenate(chunks + [np.zeros(0, np.uint8)]), new_offsets)
+        return subset
 
     def summary(self):
         """A few lines for the log: images, empty images, boxes per class."""
