@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from detr_cuda.util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from ..util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from .criterion import SetCriterion, build_weight_dict, sigmoid_focal_loss
 
 # Smallest width / height a noised box may have (normalised units), so heavy
 # (negative) noise never produces a degenerate box that GIoU rejects.
@@ -223,17 +224,6 @@ def dn_normaliser(dn_meta, device):
     return max(count.item(), 1.0)
 
 
-def sigmoid_focal_loss_sum(logits, targets, alpha=0.25, gamma=2.0):
-    """Sigmoid focal loss (Lin et al. 2017) summed over all elements. logits, targets: (N, K)."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.sum()
-
-
 def dn_loss_terms(pred_logits, pred_boxes, dn_meta, num_dn_boxes, focal_alpha=0.25, focal_gamma=2.0):
     """DN losses of one decoder layer with the fixed one-to-one targets.
 
@@ -255,10 +245,69 @@ def dn_loss_terms(pred_logits, pred_boxes, dn_meta, num_dn_boxes, focal_alpha=0.
         negatives = pred_logits[neg_image, neg_slot]
         logits = torch.cat([logits, negatives])
         onehot = torch.cat([onehot, torch.zeros_like(negatives)])
-    loss_ce = sigmoid_focal_loss_sum(logits, onehot, focal_alpha, focal_gamma) / num_dn_boxes
+    loss_ce = sigmoid_focal_loss(logits, onehot, num_dn_boxes, focal_alpha, focal_gamma)
     boxes = pred_boxes[pos_image, pos_slot]
     target_boxes = dn_meta["target_boxes"].to(boxes.dtype)
     loss_bbox = F.l1_loss(boxes, target_boxes, reduction="sum") / num_dn_boxes
     giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes)))
     loss_giou = (1 - giou).sum() / num_dn_boxes
     return {"loss_dn_ce": loss_ce, "loss_dn_bbox": loss_bbox, "loss_dn_giou": loss_giou}
+
+
+DN_LOSS_KEYS = ("loss_dn_ce", "loss_dn_bbox", "loss_dn_giou")
+
+
+class DNSetCriterion(SetCriterion):
+    """SetCriterion plus the DN losses.
+
+    forward(outputs, targets) -> the SetCriterion losses, plus, when ``outputs`` carries
+    ``dn_meta`` (a DN training step): ``loss_dn_ce``, ``loss_dn_bbox``, ``loss_dn_giou`` for
+    the last decoder layer and the same with suffix ``_{i}`` for aux layer i. A step whose
+    batch has no object (dn_meta None) gives zeros for every DN key, so logs stay aligned.
+    The DN normaliser is the number of positive DN queries averaged over ranks.
+    """
+
+    def dn_losses(self, outputs):
+        dn_meta = outputs["dn_meta"]
+        device = outputs["pred_logits"].device
+        num_dn_boxes = dn_normaliser(dn_meta, device)
+        num_aux = len(outputs.get("aux_outputs", []))
+        suffixes = [""] + [f"_{i}" for i in range(num_aux)]
+        if dn_meta is None:
+            zero = outputs["pred_logits"].new_zeros(())
+            return {key + suffix: zero for suffix in suffixes for key in DN_LOSS_KEYS}
+        dn_outputs = outputs["dn_outputs"]
+        layers = [dn_outputs] + list(dn_outputs.get("aux_outputs", []))
+        if len(layers) != len(suffixes):
+            raise ValueError(f"dn_outputs has {len(layers)} decoder layers but the matching outputs "
+                             f"{len(suffixes)}")
+        losses = {}
+        for layer_outputs, suffix in zip(layers, suffixes):
+            terms = dn_loss_terms(layer_outputs["pred_logits"], layer_outputs["pred_boxes"], dn_meta,
+                                  num_dn_boxes, self.focal_alpha, self.focal_gamma)
+            losses.update({key + suffix: value for key, value in terms.items()})
+        return losses
+
+    def forward(self, outputs, targets):
+        losses = super().forward(outputs, targets)
+        if "dn_meta" in outputs:
+            losses.update(self.dn_losses(outputs))
+        return losses
+
+
+def build_dn_weight_dict(cfg):
+    """The SetCriterion weights plus DN weights equal to the matching ones, for every decoder layer."""
+    loss_cfg = cfg.loss
+    weight_dict = build_weight_dict(cfg)
+    base = {"loss_dn_ce": loss_cfg.cls_loss_coef, "loss_dn_bbox": loss_cfg.bbox_loss_coef,
+            "loss_dn_giou": loss_cfg.giou_loss_coef}
+    weight_dict.update(base)
+    if cfg.model.aux_loss:
+        for i in range(cfg.model.dec_layers - 1):
+            weight_dict.update({f"{key}_{i}": value for key, value in base.items()})
+    return weight_dict
+
+
+def build_dn_criterion(cfg, num_classes, matcher):
+    return DNSetCriterion(num_classes, matcher, build_dn_weight_dict(cfg), focal_alpha=cfg.loss.focal_alpha,
+                          focal_gamma=cfg.loss.focal_gamma)
