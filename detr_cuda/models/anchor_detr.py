@@ -56,7 +56,8 @@ class AnchorDeformableDETR(DeformableDETR):
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
             reference = init_reference if layer == 0 else inter_references[layer - 1]
-            box_logits = self.bbox_embed[layer](hs[layer]) + inverse_sigmoid(reference, ANCHOR_INVERSE_SIGMOID_EPS)
+            box_logits = self.bbox_embed[layer](hs[layer]).float()  # boxes in float32 under autocast
+            box_logits = box_logits + inverse_sigmoid(reference, ANCHOR_INVERSE_SIGMOID_EPS)
             outputs_classes.append(self.class_embed[layer](hs[layer]))
             outputs_coords.append(box_logits.sigmoid())
         return torch.stack(outputs_classes), torch.stack(outputs_coords)
