@@ -1,0 +1,10 @@
+"""Datasets, transforms, batching and COCO evaluation.
+
+Entry points: ``build_dataset(cfg, split)``, ``build_dataloader(...)``,
+``CocoEvaluator`` (see the modules for shapes and keys).
+"""
+from .coco import CocoDetection
+from .loader import build_dataloader, collate_fn
+from .transforms import build_transforms
+from .validate import DatasetValidationError
+from .build import build_dataset
