@@ -298,3 +298,15 @@ def test_tiny_dn_model_overfits_a_few_images(contrastive):
     assert all(math.isfinite(value) for value in history)
     start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert end < start / 5, (start, end)
+
+
+def test_dn_training_step_under_bf16_autocast():
+    _, model, criterion = tiny_anchor_model("dn.enabled=true", "dn.contrastive=true")
+    model.train()
+    images, mask, targets = batch([2, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = criterion(model(images, mask, targets), targets)
+    dn_losses = {k: v for k, v in losses.items() if k.startswith("loss_dn")}
+    assert dn_losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in dn_losses.values())
+    weighted(criterion, losses, dn=True).backward()
+    assert model.label_enc.weight.grad.abs().sum() > 0

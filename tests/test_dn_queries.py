@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from detr_cuda.config import DNConfig
-from detr_cuda.models.denoising import (apply_box_noise, apply_corner_noise, apply_label_noise,
+from detr_cuda.models.denoising import (apply_box_noise, apply_corner_noise, apply_label_noise, dn_loss_terms,
                                         build_dn_attn_mask, dn_group_layout, prepare_dn_queries)
 
 
@@ -155,3 +155,37 @@ def test_label_noise_rate():
     assert noised.min() >= 0 and noised.max() < 10
     same, replaced = apply_label_noise(labels, 0.0, 10, generator)
     assert torch.equal(same, labels) and not replaced.any()
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_dn_loss_terms_follow_the_fixed_one_to_one_targets(contrastive):
+    generator = torch.Generator().manual_seed(4)
+    targets = random_targets([2, 1], 3, generator)
+    cfg = DNConfig(enabled=True, dn_groups=2, contrastive=contrastive)
+    dn = prepare_dn_queries(targets, nn.Embedding(4, 7), 3, 5, cfg, generator)
+    meta = dn["dn_meta"]
+    num_dn = meta["num_dn_queries"]
+    pos = meta["positive_index"]
+    # Perfect positives: the clean box and a confident correct class; every other slot says "no object".
+    logits = torch.full((2, num_dn, 3), -30.0)
+    logits[pos[0], pos[1], meta["target_labels"]] = 30.0
+    boxes = torch.full((2, num_dn, 4), 0.5)
+    boxes[pos] = meta["target_boxes"]
+    perfect = dn_loss_terms(logits, boxes, meta, num_dn_boxes=6.0)
+    assert all(value.item() < 1e-6 for value in perfect.values()), perfect
+    # Shifting every positive box by 0.01 in cx costs 0.01 per query, summed and normalised.
+    shifted = boxes.clone()
+    shifted[pos[0], pos[1], 0] += 0.01
+    terms = dn_loss_terms(logits, shifted, meta, num_dn_boxes=6.0)
+    assert terms["loss_dn_bbox"].item() == pytest.approx(0.01 * len(pos[0]) / 6.0, rel=1e-4)
+    # Padded slots are never supervised; contrastive negatives must say "no object".
+    padded = torch.ones(2, num_dn, dtype=torch.bool)
+    padded[pos] = False
+    if contrastive:
+        padded[meta["negative_index"]] = False
+    confused = logits.clone()
+    confused[padded] = 30.0
+    assert dn_loss_terms(confused, boxes, meta, 6.0)["loss_dn_ce"].item() < 1e-6
+    if contrastive:
+        confused[meta["negative_index"]] = 30.0
+        assert dn_loss_terms(confused, boxes, meta, 6.0)["loss_dn_ce"].item() > 1.0

@@ -236,6 +236,7 @@ def dn_loss_terms(pred_logits, pred_boxes, dn_meta, num_dn_boxes, focal_alpha=0.
         dict with ``loss_dn_ce`` (focal; positives target their clean label, contrastive negatives
         target no object), ``loss_dn_bbox`` (L1 on cxcywh) and ``loss_dn_giou`` (1 - GIoU), positives only.
     """
+    pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()  # losses in float32 under autocast
     pos_image, pos_slot = dn_meta["positive_index"]
     labels = dn_meta["target_labels"]
     logits = pred_logits[pos_image, pos_slot]
@@ -247,7 +248,7 @@ def dn_loss_terms(pred_logits, pred_boxes, dn_meta, num_dn_boxes, focal_alpha=0.
         onehot = torch.cat([onehot, torch.zeros_like(negatives)])
     loss_ce = sigmoid_focal_loss(logits, onehot, num_dn_boxes, focal_alpha, focal_gamma)
     boxes = pred_boxes[pos_image, pos_slot]
-    target_boxes = dn_meta["target_boxes"].to(boxes.dtype)
+    target_boxes = dn_meta["target_boxes"]
     loss_bbox = F.l1_loss(boxes, target_boxes, reduction="sum") / num_dn_boxes
     giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes)))
     loss_giou = (1 - giou).sum() / num_dn_boxes
