@@ -41,8 +41,7 @@ class ModelConfig:
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
-    query_type: str = "deformable"        # "deformable" (query_embed) or "anchor" (DAB-style 4-d anchors, used by DN;
-                                          # always refines boxes, so needs with_box_refine=true)
+    query_type: str = "deformable"        # "deformable" (query_embed) or "anchor" (DAB-style 4-d anchors, used by DN)
     num_classes: Optional[int] = None     # None: taken from the dataset
     msda_backend: Optional[str] = None    # None (auto), "reference", "cpu" or "cuda"
 

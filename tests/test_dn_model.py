@@ -1,6 +1,7 @@
 """DN-Deformable-DETR: anchor queries, DN wiring, isolation of the DN queries, DN losses, training."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -157,9 +158,10 @@ def test_eval_outputs_identical_with_dn_on_or_off(two_stage):
         assert torch.equal(ours["pred_boxes"], theirs["pred_boxes"])
 
 
-@pytest.mark.parametrize("two_stage", [False, True])
-def test_matching_outputs_unchanged_by_dn_queries_in_training(two_stage):
-    _, model, _ = tiny_anchor_model(f"model.two_stage={str(two_stage).lower()}", "dn.enabled=true")
+@pytest.mark.parametrize("two_stage, refine", [(False, True), (False, False), (True, True)])
+def test_matching_outputs_unchanged_by_dn_queries_in_training(two_stage, refine):
+    _, model, _ = tiny_anchor_model(f"model.two_stage={str(two_stage).lower()}",
+                                    f"model.with_box_refine={str(refine).lower()}", "dn.enabled=true")
     model.train()  # dropout is 0: training and DN-free forward passes are comparable
     images, mask, targets = batch([3, 0, 1], size=128 if two_stage else 64)
     with_dn = model(images, mask, targets)
@@ -310,3 +312,17 @@ def test_dn_training_step_under_bf16_autocast():
     assert dn_losses and all(v.dtype == torch.float32 and torch.isfinite(v) for v in dn_losses.values())
     weighted(criterion, losses, dn=True).backward()
     assert model.label_enc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config_name", ["deformable_detr_dn.yaml", "deformable_detr_refine_dn.yaml",
+                                         "deformable_detr_two_stage_dn.yaml"])
+def test_shipped_dn_configs_build_and_train_a_step(config_name):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", config_name)
+    cfg = load_config(path, [o for o in TINY_ANCHOR if not o.startswith("model.with_box_refine")])
+    assert cfg.dn.enabled and cfg.model.query_type == "anchor"
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg, NUM_CLASSES)
+    model.train()
+    images, mask, targets = batch([2, 0], size=128)
+    losses = criterion(model(images, mask, targets), targets)
+    assert "loss_dn_ce" in losses and torch.isfinite(weighted(criterion, losses, dn=True))

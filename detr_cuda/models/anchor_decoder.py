@@ -3,8 +3,10 @@
 Each matching query is a content vector plus a 4-d anchor box (cx, cy, w, h).
 At every decoder layer the query's positional part is recomputed from its
 current anchor: a sine embedding of the box -> ``ref_point_head`` MLP, scaled
-by ``query_scale(content)`` from the second layer on. Box refinement is always
-on: each layer's box head moves the anchor, detached between layers.
+by ``query_scale(content)`` from the second layer on. With box refinement
+(the published DN-Deformable-DETR) each layer's box head moves the anchor,
+detached between layers; without it the anchors stay fixed and every layer
+predicts relative to them.
 
 Anchors are learned (``refpoint_embed`` on the detector) or, in two-stage, the
 top-k encoder proposals; content is learned (``tgt_embed``) in both cases, as
@@ -44,9 +46,8 @@ def box_sine_embedding(boxes, num_pos_feats=128, temperature=10000):
 class AnchorDeformableDecoder(nn.Module):
     """Decoder layers with per-layer positional queries from the current anchor boxes.
 
-    ``bbox_embed`` (one box head per layer, required: refinement is always on)
-    and, in two-stage, ``class_embed`` are attached by the detector, as in
-    DeformableTransformerDecoder.
+    ``bbox_embed`` (one box head per layer), ``refine_boxes`` and, in two-stage,
+    ``class_embed`` are attached by the detector, as in DeformableTransformerDecoder.
     """
 
     def __init__(self, layers, d_model):
@@ -61,7 +62,7 @@ class AnchorDeformableDecoder(nn.Module):
                 nn.init.xavier_uniform_(parameter)  # as the transformer-wide init of the original
         self.bbox_embed = None
         self.class_embed = None
-        self.refine_boxes = True
+        self.refine_boxes = False
 
     def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index,
                 src_valid_ratios, query_pos=None, src_padding_mask=None, self_attn_mask=None):
@@ -70,14 +71,15 @@ class AnchorDeformableDecoder(nn.Module):
         normalised to the valid area; src: (B, S, C) memory; src_valid_ratios: (B, L, 2);
         query_pos: must be None (computed here); self_attn_mask: None or bool (Q, Q) /
         (B * n_heads, Q, Q), True = blocked.
-        Returns hs (D, B, Q, C) and the refined (detached) anchors after each layer (D, B, Q, 4).
+        Returns hs (D, B, Q, C) and the anchors after each layer (D, B, Q, 4): refined and
+        detached when ``refine_boxes``, else the input anchors repeated.
         """
         if query_pos is not None:
             raise ValueError("AnchorDeformableDecoder computes query_pos from the anchors; pass None")
         if reference_points.shape[-1] != 4:
             raise ValueError(f"anchor queries need (B, Q, 4) boxes, got {tuple(reference_points.shape)}")
-        if self.bbox_embed is None:
-            raise ValueError("AnchorDeformableDecoder needs bbox_embed (one box head per layer) attached")
+        if self.refine_boxes and self.bbox_embed is None:
+            raise ValueError("AnchorDeformableDecoder refines boxes but has no bbox_embed attached")
         output = tgt
         intermediate, intermediate_reference_points = [], []
         valid_scale = torch.cat([src_valid_ratios, src_valid_ratios], -1)[:, None]
@@ -89,9 +91,10 @@ class AnchorDeformableDecoder(nn.Module):
                 query_pos = query_pos * self.query_scale(output)
             output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
                            src_level_start_index, src_padding_mask, self_attn_mask)
-            delta = self.bbox_embed[layer_index](output)
-            reference_points = (delta + inverse_sigmoid(reference_points, ANCHOR_INVERSE_SIGMOID_EPS)).sigmoid()
-            reference_points = reference_points.detach()
+            if self.refine_boxes:
+                delta = self.bbox_embed[layer_index](output)
+                reference_points = (delta + inverse_sigmoid(reference_points, ANCHOR_INVERSE_SIGMOID_EPS)).sigmoid()
+                reference_points = reference_points.detach()
             intermediate.append(output)
             intermediate_reference_points.append(reference_points)
         return torch.stack(intermediate), torch.stack(intermediate_reference_points)

@@ -4,7 +4,7 @@ The detector of DN-DETR's ``dn_dab_deformable_detr`` model: the Deformable
 DETR backbone, input projections, encoder and cloned heads, with anchor-box
 queries (``anchor_decoder``) and, while training with ``cfg.dn.enabled``,
 noised ground-truth queries (``denoising``). Parameter names match the
-official release, so its checkpoints load:
+official release (box refinement on, as published), so its checkpoints load:
 ``label_enc.weight`` (K + 1, C - 1), ``tgt_embed.weight`` (Q, C - 1),
 ``refpoint_embed.weight`` (Q, 4), ``transformer.decoder.query_scale.*``,
 ``transformer.decoder.ref_point_head.*``, ``class_embed.{0..D-1}``,
@@ -20,7 +20,7 @@ from .denoising import prepare_dn_queries, split_dn_outputs
 
 
 class AnchorDeformableDETR(DeformableDETR):
-    """Deformable DETR with anchor queries (box refinement always on) and optional DN training.
+    """Deformable DETR with anchor-box queries and optional DN training.
 
     forward(images (B, 3, H, W), padding_mask (B, H, W) bool, targets=None) -> dict with the
     DeformableDETR keys (pred_logits (B, Q, K), pred_boxes (B, Q, 4), aux_outputs,
@@ -39,9 +39,9 @@ class AnchorDeformableDETR(DeformableDETR):
     """
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
-                 aux_loss=True, two_stage=False, dn_cfg=None):
+                 aux_loss=True, with_box_refine=True, two_stage=False, dn_cfg=None):
         super().__init__(backbone, transformer, num_classes, num_queries, num_feature_levels,
-                         aux_loss=aux_loss, with_box_refine=True, two_stage=two_stage)
+                         aux_loss=aux_loss, with_box_refine=with_box_refine, two_stage=two_stage)
         if not two_stage:
             del self.query_embed
         hidden_dim = transformer.d_model
@@ -102,4 +102,5 @@ def build_anchor_detr(cfg, backbone, transformer, num_classes):
     model_cfg = cfg.model
     return AnchorDeformableDETR(backbone, transformer, num_classes=num_classes, num_queries=model_cfg.num_queries,
                                 num_feature_levels=model_cfg.num_feature_levels, aux_loss=model_cfg.aux_loss,
-                                two_stage=model_cfg.two_stage, dn_cfg=cfg.dn)
+                                with_box_refine=model_cfg.with_box_refine, two_stage=model_cfg.two_stage,
+                                dn_cfg=cfg.dn)

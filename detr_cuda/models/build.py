@@ -38,9 +38,6 @@ def build_model(cfg, num_classes=None):
     if cfg.dn.enabled and model_cfg.query_type != "anchor":
         raise ValueError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are "
                          "anchor boxes)")
-    if model_cfg.query_type == "anchor" and not model_cfg.with_box_refine:
-        raise ValueError("model.query_type 'anchor' always refines boxes (anchors move every layer): "
-                         "set model.with_box_refine=true")
     if model_cfg.num_feature_levels < 1:
         raise ValueError(f"model.num_feature_levels must be >= 1, got {model_cfg.num_feature_levels}")
     if model_cfg.hidden_dim % 32 != 0:
