@@ -47,6 +47,8 @@ def parse_args():
     parser.add_argument("--data-dir", default=None, help="where the generated sets go (default: a temp dir)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (tiny ops: 1 beats oversubscribing a busy machine)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: "
                         + ", ".join(VARIANTS))
     parser.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
@@ -109,6 +111,7 @@ def main():
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data_dir or os.path.join(scratch, "synthetic")
         cfg = base_config(args, data_dir)

@@ -20,6 +20,15 @@ TINY_ANCHOR = ["model.backbone=resnet18", "model.train_backbone=false", "model.n
 NUM_CLASSES = 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: one thread is faster than two and immune to a busy machine's oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_anchor_model(*overrides, seed=0):
     torch.manual_seed(seed)
     cfg = load_config(None, TINY_ANCHOR + list(overrides))
