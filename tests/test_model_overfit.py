@@ -1,11 +1,21 @@
 """A tiny model must fit a handful of generated images: the training loss falls by a large factor."""
+import pytest
 import torch
 
 from detr_cuda.models import build_model
 from model_utils import rectangle_images, tiny_config, total_loss
 
 
-def test_tiny_model_overfits_generated_rectangles():
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one thread is faster than two and immune to a busy machine's oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_tiny_model_overfits_generated_rectangles(one_thread):
     torch.manual_seed(0)
     cfg = tiny_config("model.hidden_dim=32", "model.nheads=2", "model.num_queries=10")
     model, criterion, _ = build_model(cfg, 2)
