@@ -267,6 +267,18 @@ def test_dn_needs_anchor_queries():
         build_model(cfg, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("dn.dn_groups=0", "dn.dn_groups must be >= 1"),
+    ("dn.label_noise_ratio=1.5", "dn.label_noise_ratio must be in"),
+    ("dn.box_noise_scale=-0.1", "dn.box_noise_scale must be >= 0"),
+    ("dn.max_dn_queries=-1", "dn.max_dn_queries must be >= 0"),
+])
+def test_bad_dn_settings_name_the_field(override, message):
+    cfg = load_config(None, TINY_ANCHOR + ["dn.enabled=true", override])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        build_model(cfg, NUM_CLASSES)
+
+
 def set_zero_noise(cfg):
     cfg.dn.label_noise_ratio = 0.0
     cfg.dn.box_noise_scale = 0.0

@@ -3,7 +3,7 @@ from .anchor_decoder import build_anchor_transformer
 from .anchor_detr import build_anchor_detr
 from .backbone import build_backbone
 from .criterion import build_criterion
-from .denoising import build_dn_criterion
+from .denoising import build_dn_criterion, check_dn_config
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import build_deformable_transformer
 from .matcher import build_matcher
@@ -38,6 +38,8 @@ def build_model(cfg, num_classes=None):
     if cfg.dn.enabled and model_cfg.query_type != "anchor":
         raise ValueError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are "
                          "anchor boxes)")
+    if cfg.dn.enabled:
+        check_dn_config(cfg.dn)
     if model_cfg.num_feature_levels < 1:
         raise ValueError(f"model.num_feature_levels must be >= 1, got {model_cfg.num_feature_levels}")
     if model_cfg.hidden_dim % 32 != 0:

@@ -98,6 +98,18 @@ def apply_corner_noise(boxes, low, high, generator=None):
     return clip_boxes_to_image(box_xyxy_to_cxcywh(xyxy))
 
 
+def check_dn_config(dn_cfg):
+    """Raises ValueError naming the first DNConfig field with an impossible value."""
+    if dn_cfg.dn_groups < 1:
+        raise ValueError(f"dn.dn_groups must be >= 1, got {dn_cfg.dn_groups}")
+    if not 0.0 <= dn_cfg.label_noise_ratio <= 1.0:
+        raise ValueError(f"dn.label_noise_ratio must be in [0, 1], got {dn_cfg.label_noise_ratio}")
+    if dn_cfg.box_noise_scale < 0:
+        raise ValueError(f"dn.box_noise_scale must be >= 0, got {dn_cfg.box_noise_scale}")
+    if dn_cfg.max_dn_queries < 0:
+        raise ValueError(f"dn.max_dn_queries must be >= 0 (0 = use dn.dn_groups), got {dn_cfg.max_dn_queries}")
+
+
 def dn_group_layout(gt_counts, dn_cfg):
     """Sizes of the DN block for a batch with ``gt_counts`` objects per image.
 
@@ -153,7 +165,11 @@ def prepare_dn_queries(targets, label_enc, num_classes, num_queries, dn_cfg, gen
             ``content`` (B, P, hidden_dim): label embedding + indicator 1; zeros at padded slots.
             ``boxes`` (B, P, 4) noised cxcywh boxes in [0, 1]; 0.5 at padded slots.
             ``attn_mask`` (B, P + num_queries, P + num_queries) bool, True = blocked.
-            ``dn_meta``: see ``_dn_meta``.
+            ``dn_meta``: ``num_dn_queries`` P, ``num_groups``, ``single_pad``, ``group_size``,
+                ``contrastive``; ``positive_index`` (image index (M,), slot (M,)) of the M positive
+                queries, M = num_groups * (GT count of the batch), group-major in the order of the
+                batch's GT; ``negative_index`` the same for the negatives (contrastive) or None;
+                ``target_labels`` (M,) and ``target_boxes`` (M, 4) their clean targets.
     """
     gt_counts = [len(t["labels"]) for t in targets]
     single_pad, group_size, num_groups = dn_group_layout(gt_counts, dn_cfg)
