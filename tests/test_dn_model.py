@@ -182,12 +182,9 @@ def test_matching_outputs_unchanged_by_dn_queries_in_training(two_stage, refine)
 
 
 def decode_with_dn(model, images, mask, dn, attn_mask):
-    """Runs the real encoder + anchor decoder with the DN block; returns hs (D, B, P+Q, C)."""
-    srcs, masks, positions = model.multi_scale_features(images, mask)
-    content = torch.cat([model.tgt_embed.weight, model.tgt_embed.weight.new_zeros(model.num_queries, 1)], -1)
+    """Runs the real encoder + anchor decoder with the DN block; returns hs (D, B, P+Q, C) and anchors."""
     prefix = {"tgt": dn["content"], "reference_points": dn["boxes"]}
-    hs, _, inter_references, _, _ = model.transformer(srcs, masks, positions, content, model.refpoint_embed.weight,
-                                                      prefix, attn_mask)
+    hs, _, inter_references, _, _ = model.run_transformer(images, mask, prefix, attn_mask)
     return hs, inter_references
 
 

@@ -65,7 +65,12 @@ class AnchorDeformableDETR(DeformableDETR):
     def dn_active(self, targets):
         return self.training and targets is not None and self.dn_cfg is not None and self.dn_cfg.enabled
 
-    def forward(self, images, padding_mask, targets=None):
+    def run_transformer(self, images, padding_mask, prefix_queries=None, self_attn_mask=None):
+        """Backbone + anchor-query transformer; returns the transformer's 5-tuple.
+
+        prefix_queries: None or {``tgt`` (B, N, C), ``reference_points`` (B, N, 4) boxes in [0, 1]}
+        decoded before the matching queries; self_attn_mask: None or bool (B, N+Q, N+Q), True = blocked.
+        """
         srcs, masks, positions = self.multi_scale_features(images, padding_mask)
         content = self.tgt_embed.weight
         content = torch.cat([content, content.new_zeros(len(content), 1)], dim=-1)
@@ -74,6 +79,9 @@ class AnchorDeformableDETR(DeformableDETR):
             # parameter used); adds exactly zero.
             content = content + 0.0 * self.label_enc.weight.sum()
         anchors = None if self.two_stage else self.refpoint_embed.weight
+        return self.transformer(srcs, masks, positions, content, anchors, prefix_queries, self_attn_mask)
+
+    def forward(self, images, padding_mask, targets=None):
         use_dn = self.dn_active(targets)
         dn = None
         if use_dn:
@@ -81,7 +89,7 @@ class AnchorDeformableDETR(DeformableDETR):
         prefix = None if dn is None else {"tgt": dn["content"], "reference_points": dn["boxes"]}
         attn_mask = None if dn is None else dn["attn_mask"]
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = \
-            self.transformer(srcs, masks, positions, content, anchors, prefix, attn_mask)
+            self.run_transformer(images, padding_mask, prefix, attn_mask)
         outputs_class, outputs_coord = self.predict(hs, init_reference, inter_references)
         num_dn = 0 if dn is None else dn["dn_meta"]["num_dn_queries"]
         dn_class, outputs_class = split_dn_outputs(outputs_class, num_dn)
