@@ -344,3 +344,15 @@ def test_shipped_dn_configs_build_and_train_a_step(config_name):
     images, mask, targets = batch([2, 0], size=128)
     losses = criterion(model(images, mask, targets), targets)
     assert "loss_dn_ce" in losses and torch.isfinite(weighted(criterion, losses, dn=True))
+
+
+def test_without_aux_loss_dn_supervises_only_the_last_layer():
+    _, model, criterion = tiny_anchor_model("dn.enabled=true", "model.aux_loss=false")
+    model.train()
+    images, mask, targets = batch([1, 2])
+    outputs = model(images, mask, targets)
+    assert "aux_outputs" not in outputs["dn_outputs"]
+    losses = criterion(outputs, targets)
+    dn_keys = {k for k in losses if k.startswith("loss_dn")}
+    assert dn_keys == {"loss_dn_ce", "loss_dn_bbox", "loss_dn_giou"}
+    assert {k for k in criterion.weight_dict if k.startswith("loss_dn")} == dn_keys
