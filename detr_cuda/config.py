@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet50"            # resnet18 / resnet34 / resnet50 / resnet101
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet .pth, or None (random init)
+    backbone_width: int = 64              # stem channels (stages 1x, 2x, 4x, 8x); 64 = torchvision ResNet, less for CPU demos
     train_backbone: bool = True           # False freezes the whole backbone
     freeze_stem_and_layer1: bool = True
     dilation: bool = False                # DC5: stride 16 instead of 32 in the last stage
@@ -47,12 +48,13 @@ class ModelConfig:
 
 @dataclass
 class DNConfig:
+    """Denoising training (DN-DETR; detr_cuda/models/denoising.py). Needs model.query_type "anchor"."""
     enabled: bool = False
-    dn_groups: int = 5
-    label_noise_ratio: float = 0.2
-    box_noise_scale: float = 0.4
+    dn_groups: int = 5                    # noised copies of the batch's GT (used when max_dn_queries is 0)
+    label_noise_ratio: float = 0.2        # probability of replacing a DN label by a uniform random class
+    box_noise_scale: float = 0.4          # centre shift <= scale * size / 2, size x (1 +- scale); 2x for negatives
     contrastive: bool = False             # DINO contrastive denoising (positive + negative queries)
-    max_dn_queries: int = 0               # total DN query budget (contrastive); 0 = dn_groups full copies
+    max_dn_queries: int = 0               # > 0: total DN query budget, groups = max(1, budget // group size); 0 = dn_groups
 
 
 @dataclass
@@ -118,10 +120,11 @@ class TrainConfig:
     ema_decay: float = 0.9997
     checkpoint_every: int = 1             # epochs between checkpoint_last.pth writes
     keep_epoch_checkpoints: bool = False
-    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end
+    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end, -1 = never
     log_interval: int = 20                # iterations between log lines
     max_bad_steps: int = 0                # non-finite losses tolerated before stopping
     deterministic: bool = False
+    dist_timeout_s: int = 1800            # collective timeout: a dead or hung peer stops the others after this
 
 
 @dataclass
