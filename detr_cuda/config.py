@@ -78,6 +78,7 @@ class DataConfig:
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
     synthetic_image_size: int = 256
+    synthetic_seed: int = 0               # generated set's seed (val uses seed + 1); independent of train.seed
     train_short_sides: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
     crop_resize_sides: List[int] = field(default_factory=lambda: [400, 500, 600])
@@ -88,6 +89,7 @@ class DataConfig:
     val_short_side: int = 800
     val_max_size: int = 1333
     invalid_annotations: str = "fail"     # "fail" or "skip" (with a count)
+    check_images: str = "header"          # start-up image check: "none", "header" (cheap, finds truncation), "full" (decode all)
     num_workers: int = 2
     cache_images: bool = False
 

@@ -1,0 +1,244 @@
+"""COCO-format detection dataset: an image folder and an instances JSON, read through pycocotools.
+
+Category ids may be sparse (COCO uses 1..90 with gaps): they are sorted and
+mapped to contiguous labels 0..K-1. ``label_to_category_id`` and
+``class_names`` give the way back; they go into checkpoints and the evaluator
+uses them to write predictions in the dataset's own ids. ``num_classes`` is K,
+the number of entries in ``categories``.
+
+Crowd regions (``iscrowd=1``) are left out of the training targets; they stay
+in the ground truth that :meth:`CocoDetection.load_coco_gt` returns, where
+pycocotools treats them as "ignore" regions. Images without boxes are kept.
+
+Per-image data is held in flat numpy arrays (not lists of dicts), so forked
+data-loader workers do not slowly copy the parent's annotation objects.
+"""
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from .validate import apply_policy, validate_coco_dict
+
+logger = logging.getLogger(__name__)
+
+
+def load_instances_json(annotation_file):
+    """Parsed instances JSON; a clear error naming the file when it is missing or malformed."""
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"annotation file not found: {annotation_file}")
+    with open(annotation_file) as handle:
+        try:
+            coco_dict = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{annotation_file}: not valid JSON: {error}") from error
+    if not isinstance(coco_dict, dict) or "images" not in coco_dict or "categories" not in coco_dict:
+        raise ValueError(f"{annotation_file}: not a COCO instances file (needs 'images' and 'categories')")
+    coco_dict.setdefault("annotations", [])
+    return coco_dict
+
+
+def coco_from_dict(coco_dict):
+    """pycocotools COCO object over an in-memory instances dict (its progress prints silenced)."""
+    coco = COCO()
+    coco.dataset = coco_dict
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _dist_rank():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return None
+
+
+def to_rgb(image):
+    """Any PIL mode (L, LA, P, CMYK, RGBA, 16-bit or float grayscale) -> RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = pixels.max() if pixels.size and pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """``dataset[i]`` -> (image, target).
+
+    image: (3, H, W) float normalised tensor after ``transforms`` (a PIL RGB
+    image when ``transforms`` is None).
+    target: ``labels`` int64 (N,) contiguous 0..K-1; ``boxes`` float (N, 4)
+    cxcywh normalised by the transformed image (absolute xyxy pixels when
+    ``transforms`` is None); ``image_id`` int64 scalar; ``orig_size`` int64 (2,)
+    (h, w) of the file; ``size`` int64 (2,) (h, w) after the transforms.
+
+    The index may also be a pair (index, seed): the transforms then run under
+    torch's generator seeded with ``seed`` (the sampler of
+    :func:`detr_cuda.data.loader.build_dataloader` does this), so augmentation
+    depends only on (seed, epoch, index), not on workers or the caller's RNG.
+    """
+
+    def __init__(self, image_dir, annotation_file, transforms=None, invalid_annotations="fail",
+                 check_images="header", cache_images=False, share_validation=False):
+        """``share_validation``: under torch.distributed, rank 0 alone runs the validation (the file
+        checks cost I/O) and broadcasts its report; every rank must then build the dataset."""
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"image folder not found: {image_dir}")
+        self.image_dir = image_dir
+        self.annotation_file = annotation_file
+        self.transforms = transforms
+        raw = load_instances_json(annotation_file)
+        rank = _dist_rank() if share_validation else None
+        if rank is None:
+            self.report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file)
+        else:
+            box = [validate_coco_dict(raw, image_dir, check_images, source=annotation_file) if rank == 0 else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            self.report = box[0]
+        coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations, log=rank in (None, 0)))
+        del raw
+
+        categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+        if not categories:
+            raise ValueError(f"{annotation_file}: 'categories' is empty")
+        self.label_to_category_id = [int(c["id"]) for c in categories]
+        self.class_names = [str(c.get("name", c["id"])) for c in categories]
+        self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.label_to_category_id)}
+
+        image_ids = sorted(coco.imgs)
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.file_names = np.asarray([coco.imgs[i]["file_name"] for i in image_ids])
+        offsets, boxes, labels = [0], [], []
+        self.num_crowd = 0
+        for image_id in image_ids:
+            for annotation in coco.imgToAnns.get(image_id, []):
+                if annotation.get("iscrowd", 0):
+                    self.num_crowd += 1
+                    continue
+                boxes.append(annotation["bbox"])
+                labels.append(self.category_id_to_label[annotation["category_id"]])
+            offsets.append(len(labels))
+        self.box_offsets = np.asarray(offsets, dtype=np.int64)          # (N + 1,) per-image slices
+        self.boxes_xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)  # (M, 4) as in the JSON
+        self.labels = np.asarray(labels, dtype=np.int64)                # (M,)
+        del coco
+
+        self._cache = self._read_all_images() if cache_images else None
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_classes(self):
+        return len(self.label_to_category_id)
+
+    def category_map(self):
+        """The label <-> category map to store in checkpoints."""
+        return {"label_to_category_id": list(self.label_to_category_id), "class_names": list(self.class_names)}
+
+    def load_coco_gt(self):
+        """pycocotools ground truth (crowd regions included) with the same entries dropped as for training."""
+        raw = load_instances_json(self.annotation_file)
+        if not self.report.ok:  # the dataset was built with policy "skip", else it would have raised
+            raw = apply_policy(raw, self.report, "skip", log=False)
+        return coco_from_dict(raw)
+
+    def subset(self, indices):
+        """A dataset over entries ``indices`` only (same category map, transforms and ground truth file).
+
+        Use this rather than ``torch.utils.data.Subset``, which cannot take the
+        (index, seed) keys of the training sampler. Evaluation counts only the
+        images seen, so the full ground truth still evaluates a subset correctly.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"subset indices must be in [0, {len(self)}), got {indices.min()}..{indices.max()}")
+        starts, ends = self.box_offsets[indices], self.box_offsets[indices + 1]
+        box_index = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] + [np.zeros(0, np.int64)])
+        subset = copy.copy(self)
+        subset.image_ids, subset.file_names = self.image_ids[indices], self.file_names[indices]
+        subset.box_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        subset.boxes_xywh, subset.labels = self.boxes_xywh[box_index], self.labels[box_index]
+        if self._cache is not None:
+            data, offsets = self._cache
+            chunks = [data[offsets[i]:offsets[i + 1]] for i in indices]
+            new_offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+            subset._cache = (np.concatenate(chunks + [np.zeros(0, np.uint8)]), new_offsets)
+        return subset
+
+    def summary(self):
+        """A few lines for the log: images, empty images, boxes per class."""
+        per_image = np.diff(self.box_offsets)
+        per_class = np.bincount(self.labels, minlength=self.num_classes)
+        lines = [f"{self.annotation_file}: {len(self)} images ({int((per_image == 0).sum())} without boxes), "
+                 f"{len(self.labels)} boxes, {self.num_crowd} crowd regions (ignored in training), "
+                 f"{self.num_classes} classes, {len(self.report.problems)} validation problem(s)"]
+        lines.append("  boxes per class: " + ", ".join(
+            f"{name}({cat_id}): {int(n)}"
+            for name, cat_id, n in zip(self.class_names, self.label_to_category_id, per_class)))
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------------------------------------
+    def __len__(self):
+        return len(self.image_ids)
+
+    def _path(self, index):
+        return os.path.join(self.image_dir, str(self.file_names[index]))
+
+    def _read_all_images(self):
+        chunks = []
+        for index in range(len(self)):
+            with open(self._path(index), "rb") as handle:
+                chunks.append(np.frombuffer(handle.read(), dtype=np.uint8))
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(c) for c in chunks])
+        logger.info("cached %d images (%.1f MiB) in memory", len(chunks), offsets[-1] / 2 ** 20)
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.uint8), offsets
+
+    def load_image(self, index):
+        """The RGB PIL image of entry ``index``; an error naming the file when it cannot be decoded."""
+        path = self._path(index)
+        try:
+            if self._cache is not None:
+                data, offsets = self._cache
+                image = Image.open(io.BytesIO(data[offsets[index]:offsets[index + 1]].tobytes()))
+            else:
+                image = Image.open(path)
+            image.load()
+        except Exception as error:
+            raise RuntimeError(f"cannot read image {path} (image_id {int(self.image_ids[index])}): "
+                               f"{type(error).__name__}: {error}") from error
+        return to_rgb(image)
+
+    def load_target(self, index, width, height):
+        """Target with absolute xyxy boxes clamped to the (width, height) image; degenerate boxes dropped."""
+        start, end = self.box_offsets[index], self.box_offsets[index + 1]
+        boxes = torch.as_tensor(self.boxes_xywh[start:end], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, width)
+        boxes[:, 1::2].clamp_(0, height)
+        labels = torch.as_tensor(self.labels[start:end], dtype=torch.int64)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        size = torch.tensor([height, width], dtype=torch.int64)
+        return {"boxes": boxes[keep], "labels": labels[keep],
+                "image_id": torch.tensor(int(self.image_ids[index]), dtype=torch.int64),
+                "orig_size": size, "size": size.clone()}
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.load_image(index)
+        target = self.load_target(index, *image.size)
+        if self.transforms is None:
+            return image, target
+        if seed is None:
+            return self.transforms(image, target)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transforms(image, target)
