@@ -1,13 +1,259 @@
-"""The ms_deform_attn operator's Python face.
+"""The ms_deform_attn operator's Python face: input checks, backend choice,
+and the torch.library registration (fake implementation and autograd formula)
+of the compiled op ``torch.ops.detr_cuda.ms_deform_attn_forward``.
 
-Provisional: calls the pure-PyTorch reference until the compiled backends
-land (issue: MSDeformAttn operator).
+Backends:
+    ``cuda``       compiled CUDA kernel (tensors on a CUDA device)
+    ``cpu``        compiled C++ kernel (tensors on the CPU)
+    ``reference``  pure PyTorch on grid_sample (any device; slow, memory hungry)
+By default the backend follows the device of ``value``. Force one with the
+``backend`` argument or the environment variable ``DETR_CUDA_MSDA_BACKEND``
+(``cpu``, ``cuda``, ``reference`` or ``auto``); the argument wins. When the
+compiled extension is missing the reference runs instead, with one warning per
+process; forcing a compiled backend that is not available raises an error that
+says how to build it.
+
+Dtype contract:
+    value: float32, float64, float16 or bfloat16; the output has value's dtype.
+    sampling_locations, attention_weights: value's dtype, or float32 when value
+    is float16/bfloat16 (recommended: half-precision locations move samples
+    by up to ~0.3 px on large maps). The compiled kernels take them in the
+    accumulation type (float64 for float64 value, else float32) and sum
+    everything, grad_value included, in that type; their gradients come back
+    in the dtype they were passed in.
+    spatial_shapes, level_start_index: int64 on value's device.
+
+Autocast: the op is on no autocast cast list, so under torch.autocast it runs
+in the dtype ``value`` arrives in (float16/bfloat16 from an autocast
+value_proj), with float32 locations and weights, float32 accumulation and a
+half-precision output. Nothing is silently promoted to float32.
+
+Determinism: forward is deterministic on every backend; the CPU backward is
+bitwise deterministic (no atomics); the CUDA backward's grad_value uses float
+atomics, so it may differ in the last bits from run to run (grad of locations
+and weights are deterministic). Custom ops are outside
+torch.use_deterministic_algorithms.
 """
+import os
+import warnings
+import weakref
+
+import torch
+
 from .reference import ms_deform_attn_reference
 
+try:
+    from detr_cuda import _C
+    _EXTENSION_IMPORT_ERROR = None
+except ImportError as error:  # not built: the reference backend takes over
+    _C = None
+    _EXTENSION_IMPORT_ERROR = error
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights, backend=None):
-    """Multi-scale deformable attention. Shapes as in ``ms_deform_attn_reference``."""
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights)
+BACKEND_ENV_VAR = "DETR_CUDA_MSDA_BACKEND"
+BACKENDS = ("cpu", "cuda", "reference")
+BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (or `make install`); "
+              "in a checkout, `python setup.py build_ext --inplace` builds it in place")
+_VALUE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_fallback_warned = False
+# (spatial_shapes ref, its version, level_start_index ref, its version, S) of
+# the last inputs whose level geometry was checked: the encoder and decoder
+# layers of one forward pass share these tensors, so the values (a
+# device-to-host copy on a GPU) are read once per pass, not once per layer.
+_checked_geometry = None
+
+
+def extension_available():
+    """True when the compiled extension detr_cuda._C imports."""
+    return _C is not None
+
+
+def cuda_extension_available():
+    """True when the compiled extension was built with its CUDA kernels."""
+    return _C is not None and bool(_C.with_cuda)
+
+
+def available_backends(device):
+    """Backends that can run on ``device`` (a torch.device or string), best first."""
+    device = torch.device(device)
+    backends = []
+    if device.type == "cuda" and cuda_extension_available():
+        backends.append("cuda")
+    if device.type == "cpu" and extension_available():
+        backends.append("cpu")
+    backends.append("reference")
+    return backends
+
+
+def _warn_fallback(device):
+    global _fallback_warned
+    if _fallback_warned or torch.compiler.is_compiling():
+        return
+    _fallback_warned = True
+    if _C is None:
+        why = f"the compiled extension detr_cuda._C is not available ({_EXTENSION_IMPORT_ERROR})"
+    else:
+        why = f"the compiled extension has no kernel for {device.type} tensors"
+    warnings.warn(f"ms_deform_attn: {why}; using the slow pure-PyTorch reference backend. To use the "
+                  f"compiled kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend, device):
+    """The backend that will run for tensors on ``device``.
+
+    ``backend`` (or, when it is None, $DETR_CUDA_MSDA_BACKEND) is one of
+    cpu / cuda / reference / auto; auto follows the device.
+    """
+    requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or "auto")
+    requested = requested.lower()
+    if requested not in BACKENDS + ("auto",):
+        source = "backend argument" if backend is not None else f"${BACKEND_ENV_VAR}"
+        raise ValueError(f"ms_deform_attn: unknown backend {requested!r} from the {source}; "
+                         f"expected one of {', '.join(BACKENDS + ('auto',))}")
+    if requested == "auto":
+        native = available_backends(device)[0]
+        if native == "reference":
+            _warn_fallback(device)
+        return native
+    if requested == "reference":
+        return requested
+    if _C is None:
+        raise RuntimeError(f"ms_deform_attn: backend {requested!r} was requested but the compiled extension "
+                           f"detr_cuda._C is not available ({_EXTENSION_IMPORT_ERROR}); {BUILD_HINT}")
+    if requested == "cuda" and not _C.with_cuda:
+        raise RuntimeError("ms_deform_attn: backend 'cuda' was requested but detr_cuda._C was built without CUDA; "
+                           f"rebuild with a CUDA build of torch and nvcc on the PATH (FORCE_CUDA=1 when no GPU is "
+                           f"visible at build time): {BUILD_HINT}")
+    if device.type != requested:
+        raise ValueError(f"ms_deform_attn: backend {requested!r} needs tensors on {requested}, "
+                         f"but value is on {device}")
+    return requested
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    named = (("value", value), ("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
+             ("sampling_locations", sampling_locations), ("attention_weights", attention_weights))
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    layouts = {"value": "(B, S, H, C)", "spatial_shapes": "(L, 2)", "level_start_index": "(L,)",
+               "sampling_locations": "(B, Q, H, L, P, 2)", "attention_weights": "(B, Q, H, L, P)"}
+    for name, tensor in named:
+        rank = layouts[name].count(",") + (1 if not layouts[name].endswith(",)") else 0)
+        if tensor.dim() != rank:
+            raise ValueError(f"ms_deform_attn: {name} must be {rank}-d {layouts[name]}, "
+                             f"got shape {tuple(tensor.shape)}")
+    batch, _, heads, _ = value.shape
+    levels = spatial_shapes.shape[0]
+    _, queries, _, _, points, _ = sampling_locations.shape
+    expected = {
+        "spatial_shapes": (levels, 2),
+        "level_start_index": (levels,),
+        "sampling_locations": (batch, queries, heads, levels, points, 2),
+        "attention_weights": (batch, queries, heads, levels, points),
+    }
+    for name, tensor in named[1:]:
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"ms_deform_attn: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
+                f"{layouts[name]} from value {tuple(value.shape)}, spatial_shapes {tuple(spatial_shapes.shape)} "
+                f"and sampling_locations {tuple(sampling_locations.shape)}")
+
+    if value.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"ms_deform_attn: value dtype must be float32, float64, float16 or bfloat16, "
+                        f"got {value.dtype}")
+    allowed = (value.dtype, torch.float32) if value.dtype in (torch.float16, torch.bfloat16) else (value.dtype,)
+    for name, tensor in named[3:]:
+        if tensor.dtype not in allowed:
+            raise TypeError(f"ms_deform_attn: {name} dtype must be "
+                            f"{' or '.join(str(d) for d in allowed)} for {value.dtype} value, got {tensor.dtype}")
+    for name, tensor in named[1:3]:
+        if tensor.dtype != torch.int64:
+            raise TypeError(f"ms_deform_attn: {name} must be int64, got {tensor.dtype}")
+    for name, tensor in named[1:]:
+        if tensor.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {tensor.device} but value is on {value.device}; "
+                             "all inputs must be on one device")
+    if not torch.compiler.is_compiling():
+        _check_level_geometry(spatial_shapes, level_start_index, value.shape[1])
+
+
+def _check_level_geometry(spatial_shapes, level_start_index, num_values):
+    """S == sum(H_l * W_l), every level non-empty, level_start_index its prefix sums."""
+    global _checked_geometry
+    cached = _checked_geometry
+    if (cached is not None and cached[0]() is spatial_shapes and cached[1] == spatial_shapes._version
+            and cached[2]() is level_start_index and cached[3] == level_start_index._version
+            and cached[4] == num_values):
+        return
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    total = 0
+    for level, ((height, width), start) in enumerate(zip(shapes, starts)):
+        if height <= 0 or width <= 0:
+            raise ValueError(f"ms_deform_attn: spatial_shapes[{level}] = ({height}, {width}); "
+                             "every level needs a positive height and width")
+        if start != total:
+            raise ValueError(f"ms_deform_attn: level_start_index[{level}] = {start}, expected {total} "
+                             f"(the sum of H_l*W_l over the levels before it; spatial_shapes {shapes})")
+        total += height * width
+    if total != num_values:
+        raise ValueError(f"ms_deform_attn: value has S={num_values} positions but spatial_shapes {shapes} "
+                         f"sum to {total}")
+    _checked_geometry = (weakref.ref(spatial_shapes), spatial_shapes._version,
+                         weakref.ref(level_start_index), level_start_index._version, num_values)
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   backend=None):
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (B, S, H, C), S = sum over levels of H_l * W_l.
+        spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
+        level_start_index: (L,) int64, offset of each level in S.
+        sampling_locations: (B, Q, H, L, P, 2), (x, y) normalised to [0, 1];
+            samples outside the maps read zeros.
+        attention_weights: (B, Q, H, L, P), already softmaxed over L*P.
+        backend: None (DETR_CUDA_MSDA_BACKEND or by device), "cpu", "cuda",
+            "reference" or "auto".
+    Returns:
+        (B, Q, H * C) in value's dtype. Dtypes, autocast and determinism: see
+        this module's docstring.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    chosen = resolve_backend(backend, value.device)
+    if chosen == "reference":
+        compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+        compute_dtype = torch.promote_types(compute_dtype, attention_weights.dtype)
+        output = ms_deform_attn_reference(value.to(compute_dtype), spatial_shapes, level_start_index,
+                                          sampling_locations.to(compute_dtype), attention_weights.to(compute_dtype))
+        return output.to(value.dtype)
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return torch.ops.detr_cuda.ms_deform_attn_forward(
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.to(acc_dtype).contiguous(), attention_weights.to(acc_dtype).contiguous())
+
+
+if _C is not None:
+    @torch.library.register_fake("detr_cuda::ms_deform_attn_forward")
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        batch, _, heads, channels = value.shape
+        return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+    @torch.library.register_fake("detr_cuda::ms_deform_attn_backward")
+    def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                       attention_weights):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_attention = torch.ops.detr_cuda.ms_deform_attn_backward(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations,
+            attention_weights)
+        return grad_value, None, None, grad_locations, grad_attention
+
+    torch.library.register_autograd("detr_cuda::ms_deform_attn_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,40 @@
+// Launchers of the CUDA kernels of multi-scale deformable attention. Raw
+// pointers, 64-bit sizes and a stream in, a cudaError_t out: no torch headers,
+// so the .cu compiles with plain nvcc (`make test-cuda-compile`). The torch
+// glue is ms_deform_attn_cuda_torch.cpp.
+//
+// Dtype contract:
+//   value / output / grad_output: float32, float64, float16 or bfloat16
+//   (ValueType); sampling_locations, attention_weights, grad_locations and
+//   grad_attention are float64 for float64 value and float32 otherwise;
+//   grad_value_acc is a ZEROED buffer of that same accumulation type (the
+//   caller casts it to the value dtype). All sums are taken in the
+//   accumulation type.
+//
+// spatial_shapes (L, 2) and level_start_index (L,) are int64 device pointers.
+// All tensors are contiguous in the layouts of MsdaSizes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "ms_deform_attn_sampling.h"
+
+namespace detr_cuda {
+
+enum class ValueType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+cudaError_t ms_deform_attn_forward_cuda_launch(ValueType value_type, const MsdaSizes& sizes, const void* value,
+                                               const int64_t* spatial_shapes, const int64_t* level_start_index,
+                                               const void* sampling_locations, const void* attention_weights,
+                                               void* output, cudaStream_t stream);
+
+// grad_value_acc accumulates with atomics: its result is not bitwise
+// deterministic from run to run (grad_locations and grad_attention are).
+cudaError_t ms_deform_attn_backward_cuda_launch(ValueType value_type, const MsdaSizes& sizes,
+                                                const void* grad_output, const void* value,
+                                                const int64_t* spatial_shapes, const int64_t* level_start_index,
+                                                const void* sampling_locations, const void* attention_weights,
+                                                void* grad_value_acc, void* grad_locations, void* grad_attention,
+                                                cudaStream_t stream);
+
+}  // namespace detr_cuda
