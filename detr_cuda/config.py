@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet50"            # resnet18 / resnet34 / resnet50 / resnet101
     backbone_weights: Optional[str] = None  # torchvision-format ImageNet .pth, or None (random init)
+    backbone_width: int = 64              # stem channels (stages 1x, 2x, 4x, 8x); 64 = torchvision ResNet, less for CPU demos
     train_backbone: bool = True           # False freezes the whole backbone
     freeze_stem_and_layer1: bool = True
     dilation: bool = False                # DC5: stride 16 instead of 32 in the last stage
@@ -118,10 +119,11 @@ class TrainConfig:
     ema_decay: float = 0.9997
     checkpoint_every: int = 1             # epochs between checkpoint_last.pth writes
     keep_epoch_checkpoints: bool = False
-    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end
+    eval_every: int = 1                   # epochs between evaluations, 0 = only at the end, -1 = never
     log_interval: int = 20                # iterations between log lines
     max_bad_steps: int = 0                # non-finite losses tolerated before stopping
     deterministic: bool = False
+    dist_timeout_s: int = 1800            # collective timeout: a dead or hung peer stops the others after this
 
 
 @dataclass

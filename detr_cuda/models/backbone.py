@@ -111,22 +111,24 @@ class ResNet(nn.Module):
     (C3, C4, C5) at strides 8, 16, 32 (16 for C5 with ``dilation``).
     """
 
-    def __init__(self, name, dilation=False):
+    def __init__(self, name, dilation=False, width=64):
         super().__init__()
         if name not in RESNET_SPECS:
             raise ValueError(f"unknown backbone '{name}' (known: {', '.join(RESNET_SPECS)})")
+        if width < 1:
+            raise ValueError(f"model.backbone_width must be >= 1, got {width}")
         block, layers = RESNET_SPECS[name]
-        self.inplanes = 64
+        self.inplanes = width
         self.dilation = 1
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
-        self.num_channels = [128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
+        self.num_channels = [2 * width * block.expansion, 4 * width * block.expansion, 8 * width * block.expansion]
         self.strides = [8, 16, 16 if dilation else 32]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -200,9 +202,9 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name, train_backbone=True, freeze_stem_and_layer1=True, dilation=False,
-                 return_all_levels=True):
+                 return_all_levels=True, width=64):
         super().__init__()
-        self.body = ResNet(name, dilation=dilation)
+        self.body = ResNet(name, dilation=dilation, width=width)
         for param_name, parameter in self.body.named_parameters():
             stem_or_layer1 = not param_name.startswith(("layer2", "layer3", "layer4"))
             if not train_backbone or (freeze_stem_and_layer1 and stem_or_layer1):
@@ -249,7 +251,8 @@ def build_backbone(cfg):
     backbone = Backbone(model_cfg.backbone, train_backbone=model_cfg.train_backbone,
                         freeze_stem_and_layer1=model_cfg.freeze_stem_and_layer1,
                         dilation=model_cfg.dilation,
-                        return_all_levels=model_cfg.num_feature_levels > 1)
+                        return_all_levels=model_cfg.num_feature_levels > 1,
+                        width=model_cfg.backbone_width)
     if model_cfg.backbone_weights:
         load_torchvision_resnet_weights(backbone.body, model_cfg.backbone_weights)
     return Joiner(backbone, build_position_encoding(cfg))

@@ -1,0 +1,141 @@
+"""Process-group set-up from the torchrun environment and small collective helpers.
+
+torchrun (single node, static multi-node or c10d rendezvous) exports RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain ``python`` run
+has none of them and is a world of one. nccl is used on GPUs, gloo on CPU.
+Every collective carries a timeout, so a dead peer makes the survivors raise
+``PeerLostError`` (a clear message naming this rank) within a bounded time
+instead of hanging forever.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the job died or stopped answering."""
+
+
+def env_world():
+    """(rank, world_size, local_rank) from the torchrun environment (0, 1, 0 without it)."""
+    def read(name, default):
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+    return read("RANK", 0), read("WORLD_SIZE", 1), read("LOCAL_RANK", 0)
+
+
+def select_device(requested, local_rank):
+    """torch.device for this process: "auto" picks cuda:LOCAL_RANK when a GPU is visible, else cpu."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible to torch "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                           "--nproc_per_node must not exceed the GPUs on the node")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device, timeout_s):
+    """Joins the torchrun job when WORLD_SIZE > 1. Returns (rank, world_size)."""
+    rank, world_size, _ = env_world()
+    if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return get_rank(), get_world_size()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # Lets nccl collectives notice a dead peer and raise instead of spinning.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return rank, world_size
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _collective(name, function):
+    """Runs a collective; a failure caused by a lost peer becomes PeerLostError."""
+    try:
+        return function()
+    except RuntimeError as error:  # gloo/nccl errors and timeouts (DistBackendError is a RuntimeError)
+        raise PeerLostError(
+            f"rank {get_rank()}/{get_world_size()}: {name} failed, another process of the job died, was killed "
+            f"or stopped answering within train.dist_timeout_s ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Check the other ranks' logs; "
+            "restart with --resume auto to continue from the last checkpoint.") from error
+
+
+def all_reduce_sum(tensor):
+    """In-place sum over ranks (no-op for a world of one); returns the tensor."""
+    if is_dist():
+        _collective("all_reduce", lambda: dist.all_reduce(tensor))
+    return tensor
+
+
+def reduce_dict_mean(values, device):
+    """{name: float} averaged over the ranks that report each name (all ranks must call it)."""
+    if not is_dist():
+        return dict(values)
+    names = sorted(set().union(*all_gather_object(sorted(values))))
+    if not names:
+        return {}
+    sums = torch.tensor([float(values.get(name, 0.0)) for name in names]
+                        + [1.0 if name in values else 0.0 for name in names], dtype=torch.float64, device=device)
+    all_reduce_sum(sums)
+    totals, counts = sums[:len(names)], sums[len(names):].clamp(min=1)
+    return {name: value for name, value in zip(names, (totals / counts).tolist())}
+
+
+def all_gather_object(obj):
+    """List of every rank's ``obj`` (``[obj]`` for a world of one)."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * get_world_size()
+    _collective("all_gather_object", lambda: dist.all_gather_object(gathered, obj))
+    return gathered
+
+
+def broadcast_object(obj, src=0):
+    """``obj`` from rank ``src`` on every rank."""
+    if not is_dist():
+        return obj
+    holder = [obj]
+    _collective("broadcast_object", lambda: dist.broadcast_object_list(holder, src=src))
+    return holder[0]
+
+
+def barrier():
+    if is_dist():
+        _collective("barrier", dist.barrier)

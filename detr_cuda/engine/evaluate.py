@@ -1,0 +1,47 @@
+"""Evaluation: model + postprocessor over a loader, scored by the data package's COCO evaluator.
+
+The evaluator keys detections by image id, so the duplicates that the
+distributed sampler adds to even out shards count once and the result does
+not depend on the number of processes or the batch size (images are padded
+with a mask).
+"""
+import time
+
+import torch
+
+from ..data.coco_eval import CocoEvaluator, format_metrics
+from .train_loop import autocast_context, move_to_device
+
+
+@torch.no_grad()
+def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print):
+    """COCO bbox metrics of ``model`` on ``loader`` (every rank calls it; every rank gets the result).
+
+    Returns the evaluator's metrics dict: "AP", "AP50", "AP75", "APs", "APm", "APl", "AR*",
+    "coco_eval_bbox" (the 12 stats), "per_class" (list of {category_id, name, num_gt, AP, AP50}),
+    "num_images", "num_detections", "summary". Rank 0 writes eval.json and detections.json
+    into ``output_dir``.
+    """
+    started = time.time()
+    model.eval()
+    evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id,
+                              score_threshold=cfg.eval.score_threshold)
+    for images, masks, targets in loader:
+        images, masks, targets = move_to_device(images, masks, targets, device)
+        with autocast_context(device, cfg.train.amp):
+            outputs = model(images, masks)
+        original_sizes = torch.stack([t["orig_size"] for t in targets])
+        evaluator.update([t["image_id"] for t in targets], postprocessor(outputs, original_sizes))
+    metrics = evaluator.evaluate(output_dir)
+    log(format_metrics(metrics))
+    log(f"evaluated {metrics['num_images']} images in {time.time() - started:.1f}s "
+        f"(top-{cfg.eval.num_select} detections per image, score >= {cfg.eval.score_threshold})")
+    return metrics
+
+
+SCALAR_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+def scalar_metrics(metrics):
+    """The headline numbers of a metrics dict, for log lines and TensorBoard."""
+    return {name: metrics[name] for name in SCALAR_METRICS if name in metrics}
