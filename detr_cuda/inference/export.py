@@ -12,11 +12,14 @@ Shapes that may vary after export:
   graph. Serve other image sizes by padding them into the exported canvas with
   ``padding_mask`` (the model is exact under padding: it rescales reference
   points by the valid ratio of each level).
-- torch.export: H and W are fixed, the batch size is dynamic when asked for
-  (``dynamic_batch=True``, batch 1..``max_batch``). The model reads its level
-  sizes with ``spatial_shapes.tolist()``, which torch.export sees as data-dependent;
-  :func:`export_program` therefore uses ``torch.export.draft_export``, which
-  specialises those values to the traced ones and guards them at run time.
+- torch.export: batch size, H and W are all fixed at export time. The model
+  reads its level sizes with ``spatial_shapes.tolist()``, which torch.export
+  sees as data-dependent values; :func:`export_program` therefore uses
+  ``torch.export.draft_export``, which specialises them to the traced values
+  and guards them at run time (a different input shape fails a guard with a
+  clear message). A dynamic batch needs the model to keep its level sizes as
+  Python ints next to the tensor; with the current model, draft_export
+  specialises the batch too (and takes minutes trying).
 
 The operator inside the graph: ONNX has no custom op for deformable attention,
 so the ONNX path forces the pure-PyTorch reference backend (grid_sample,
@@ -94,10 +97,14 @@ def export_onnx(model, path, height, width, batch_size=1, opset=DEFAULT_ONNX_OPS
 @contextlib.contextmanager
 def _quiet_tracer():
     """The tracer warns at every Python-level use of a tensor value (shape checks, .tolist() of the
-    level sizes); they are the expected reason H and W are fixed, so they are silenced."""
+    level sizes); they are the expected reason H and W are fixed, so they are silenced. The legacy
+    (TorchScript) exporter is chosen on purpose: the torch.export-based one needs onnxscript and
+    meets the same data-dependent level sizes as :func:`export_program`."""
     import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         yield
 
 
@@ -124,28 +131,21 @@ def compare_onnx(model, path, images, padding_mask):
             for name, out, ref in zip(("pred_logits", "pred_boxes"), got, expected)}
 
 
-def export_program(model, height, width, batch_size=2, dynamic_batch=False, max_batch=64):
-    """torch.export program of ``InferenceModel(model)`` for (height, width) images.
-
-    With ``dynamic_batch`` the batch size may be 1..max_batch (trace with batch_size >= 2:
-    a traced size of 1 would be specialised). Returns the ExportedProgram.
-    """
-    if dynamic_batch and batch_size < 2:
-        raise ValueError("dynamic_batch needs an example batch_size >= 2 (size 1 would be specialised)")
+def export_program(model, height, width, batch_size=1):
+    """torch.export program of ``InferenceModel(model)`` for (batch_size, 3, height, width) images
+    (all fixed, see the module docstring). The model's own MSDeformAttn backend is kept: the
+    compiled custom op when the extension is built, the reference otherwise."""
     wrapper = InferenceModel(model).eval()
     inputs = example_inputs(batch_size, height, width, next(model.parameters()).device)
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=max_batch)
-        dynamic_shapes = {"images": {0: batch}, "padding_mask": {0: batch}}
     with torch.no_grad(), _quiet_export_logs():
-        return torch.export.draft_export(wrapper, inputs, dynamic_shapes=dynamic_shapes)
+        return torch.export.draft_export(wrapper, inputs)
 
 
 @contextlib.contextmanager
 def _quiet_export_logs():
     """draft_export and the (de)serialiser log every specialised level size; keep them to errors."""
-    names = ("torch._export.serde.serialize", "torch.export._draft_export", "torch._export.serde")
+    names = ("torch._export.serde.serialize", "torch.export._draft_export", "torch._export.serde",
+             "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
