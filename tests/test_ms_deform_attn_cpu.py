@@ -107,3 +107,12 @@ def test_empty_batch_or_queries_give_empty_output_and_zero_grads(batch, queries)
     assert output.shape == (batch, queries, 16)
     output.sum().backward()
     assert all(leaf.grad is not None and leaf.grad.abs().sum() == 0 for leaf in leaves)
+
+
+def test_double_backward_raises_instead_of_silently_dropping_terms():
+    value, spatial_shapes, level_start_index, locations, attention = make_inputs(FOUR_LEVELS, 1, 2, 2, 4, 2)
+    value.requires_grad_()
+    output = cpu_op(value, spatial_shapes, level_start_index, locations, attention)
+    (grad_value,) = torch.autograd.grad(output.square().sum(), value, create_graph=True)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        grad_value.sum().backward()

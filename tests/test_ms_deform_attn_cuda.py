@@ -127,3 +127,23 @@ def test_torch_compile_on_cuda():
                          generator=fresh_generator())
     compiled = torch.compile(lambda *x: ms_deform_attn(*x).relu(), fullgraph=True)
     torch.testing.assert_close(compiled(*inputs), cuda_op(*inputs).relu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_under_autocast_runs_in_half_precision(dtype):
+    from detr_cuda.ops import MSDeformAttn
+    from msda_testing import level_geometry
+
+    torch.manual_seed(0)
+    layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4).cuda()
+    spatial_shapes, level_start_index, num_values = level_geometry(FOUR_LEVELS, device="cuda")
+    query = torch.randn(2, 30, 256, device="cuda")
+    reference_points = torch.rand(2, 30, 4, 2, device="cuda")
+    features = torch.randn(2, num_values, 256, device="cuda")
+    expected = layer(query, reference_points, features, spatial_shapes, level_start_index)
+    with torch.autocast("cuda", dtype=dtype):
+        output = layer(query, reference_points, features, spatial_shapes, level_start_index)
+        output.float().square().sum().backward()
+    assert output.dtype == dtype
+    assert (output.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-plots", action="store_true", help="do not draw per_class_ap.png / pr_curve.png")
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):

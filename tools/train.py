@@ -31,7 +31,7 @@ def parse_args(argv=None):
     # torch.distributed.launch passes --local-rank/--local_rank; torchrun sets LOCAL_RANK. Accept and ignore.
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def resolve_config(args):

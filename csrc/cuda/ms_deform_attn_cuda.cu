@@ -56,6 +56,15 @@ __device__ __forceinline__ ChannelVector<T, VEC> load_vector(const T* __restrict
   return *reinterpret_cast<const ChannelVector<T, VEC>*>(ptr);
 }
 
+// The level geometry lives in device memory, so the host cannot check it
+// without a copy (the Python wrapper does, once per spatial_shapes tensor). A
+// level that would reach past S is skipped, so that even a direct op call with
+// inconsistent shapes never reads or writes out of bounds.
+__device__ __forceinline__ bool level_fits(const MsdaSizes& sz, int64_t height, int64_t width, int64_t start) {
+  return height > 0 && width > 0 && height <= sz.num_values && width <= sz.num_values && start >= 0 &&
+         start + height * width <= sz.num_values;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
@@ -84,6 +93,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         const int64_t height = spatial_shapes[2 * l];
         const int64_t width = spatial_shapes[2 * l + 1];
         const int64_t start = level_start_index[l];
+        if (!level_fits(sz, height, width, start)) continue;
         for (int64_t p = 0; p < sz.num_points; ++p) {
           const int64_t k = l * sz.num_points + p;
           const BilinearSample<acc_t> s = make_bilinear_sample<acc_t>(loc[2 * k], loc[2 * k + 1], height, width);
@@ -108,8 +118,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// At least two blocks per SM (<= 128 registers): without the bound the
+// 8-channel variants use ~230 registers and run one block per SM.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, 2)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const int64_t* __restrict__ spatial_shapes, const int64_t* __restrict__ level_start_index,
                     const acc_t* __restrict__ locations, const acc_t* __restrict__ attention,
@@ -138,12 +150,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const int64_t height = spatial_shapes[2 * l];
       const int64_t width = spatial_shapes[2 * l + 1];
       const int64_t start = level_start_index[l];
+      const bool level_ok = level_fits(sz, height, width, start);
       for (int64_t p = 0; p < sz.num_points; ++p) {
         const int64_t k = l * sz.num_points + p;
         const BilinearSample<acc_t> s = make_bilinear_sample<acc_t>(loc[2 * k], loc[2 * k + 1], height, width);
         const acc_t a = attn[k];
         acc_t dots[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-        if (valid && s.active) {
+        if (valid && level_ok && s.active) {
           for (int64_t vec = lane; vec < vectors; vec += lanes) {
             const int64_t c0 = vec * VEC;
             const ChannelVector<scalar_t, VEC> g_raw = load_vector<scalar_t, VEC>(grad_out + c0);

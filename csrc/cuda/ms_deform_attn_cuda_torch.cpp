@@ -1,7 +1,7 @@
 // Torch glue for the CUDA kernels (compiled only WITH_CUDA): device guard,
 // current stream, output allocation, and every launch's error raised.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/ms_deform_attn_cuda.h"
@@ -43,7 +43,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   check_launch(ms_deform_attn_forward_cuda_launch(
                    cuda_value_type(value.scalar_type()), sz, value.data_ptr(), spatial_shapes.data_ptr<int64_t>(),
                    level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr(),
-                   attention_weights.data_ptr(), output.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                   attention_weights.data_ptr(), output.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
                "forward");
   return output;
 }
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                      cuda_value_type(value.scalar_type()), sz, grad_output.data_ptr(), value.data_ptr(),
                      spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
                      sampling_locations.data_ptr(), attention_weights.data_ptr(), grad_value_acc.data_ptr(),
-                     grad_locations.data_ptr(), grad_attention.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                     grad_locations.data_ptr(), grad_attention.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
                  "backward");
   } else {
     grad_locations.zero_();

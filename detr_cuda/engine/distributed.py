@@ -85,16 +85,38 @@ def is_main_process():
     return get_rank() == 0
 
 
+_PEER_FAILURE_MARKERS = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout",
+                         "gloo", "nccl", "socket", "peer")
+
+
+def peer_failure(error, where):
+    """PeerLostError for a RuntimeError raised by a collective (gloo/nccl, or a timeout), else None.
+
+    Collectives also run inside the model's criterion (num_boxes) and inside DDP's backward, so the
+    training loop converts errors there with this too.
+    """
+    if not is_dist() or not isinstance(error, RuntimeError) or isinstance(error, PeerLostError):
+        return None
+    backend_error = isinstance(error, getattr(dist, "DistError", ()))
+    text = str(error).lower()
+    if not backend_error and not any(marker in text for marker in _PEER_FAILURE_MARKERS):
+        return None
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PeerLostError(
+        f"rank {get_rank()}/{get_world_size()}: {where} failed: another process of the job died, was killed "
+        f"or stopped answering within train.dist_timeout_s ({type(error).__name__}: {first_line}). "
+        "Check the other ranks' logs; restart the job with --resume auto to continue from the last checkpoint.")
+
+
 def _collective(name, function):
     """Runs a collective; a failure caused by a lost peer becomes PeerLostError."""
     try:
         return function()
     except RuntimeError as error:  # gloo/nccl errors and timeouts (DistBackendError is a RuntimeError)
-        raise PeerLostError(
-            f"rank {get_rank()}/{get_world_size()}: {name} failed, another process of the job died, was killed "
-            f"or stopped answering within train.dist_timeout_s ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Check the other ranks' logs; "
-            "restart with --resume auto to continue from the last checkpoint.") from error
+        converted = peer_failure(error, name)
+        if converted is None:
+            raise
+        raise converted from error
 
 
 def all_reduce_sum(tensor):

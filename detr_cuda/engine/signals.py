@@ -34,3 +34,22 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class WorkerSignalShield:
+    """DataLoader ``worker_init_fn`` wrapper: workers ignore SIGTERM/SIGINT.
+
+    Ctrl-C, Slurm and ``kill -TERM -<pgid>`` signal the whole process group; a
+    worker dying of it would crash the main process ("DataLoader worker is
+    killed by signal") before it can write its checkpoint. The main process
+    shuts its workers down itself when it exits.
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, worker_id):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)

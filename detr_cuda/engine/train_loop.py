@@ -105,16 +105,23 @@ def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, scaler, e
         with sync:
             with autocast_context(device, train_cfg.amp):
                 outputs = model(images, masks, targets)
-                loss_dict = criterion(outputs, targets)
-                total = weighted_total(loss_dict, criterion.weight_dict)
-            # One small all-reduce per micro-batch: every rank agrees on skipping and on stopping.
-            flags = torch.tensor([0.0 if torch.isfinite(total.detach()).item() else 1.0,
-                                  1.0 if stop.requested else 0.0], device=device)
-            distributed.all_reduce_sum(flags)
-            stop_seen = stop_seen or flags[1].item() > 0
-            if flags[0].item() > 0:
+                bad_outputs = non_finite_outputs(outputs)
+                # Every rank agrees on skipping and stopping (the criterion holds a collective too).
+                flags = torch.tensor([1.0 if bad_outputs else 0.0, 1.0 if stop.requested else 0.0], device=device)
+                distributed.all_reduce_sum(flags)
+                stop_seen = stop_seen or flags[1].item() > 0
+                loss_dict, total = {}, None
+                if flags[0].item() == 0:
+                    loss_dict = criterion(outputs, targets)
+                    total = weighted_total(loss_dict, criterion.weight_dict)
+                    loss_flag = torch.tensor([0.0 if torch.isfinite(total.detach()).item() else 1.0], device=device)
+                    distributed.all_reduce_sum(loss_flag)
+                    ranks_bad = loss_flag.item()
+                else:
+                    ranks_bad = flags[0].item()
+            if ranks_bad > 0:
                 state.bad_steps += 1
-                message = _non_finite_message(state, batch_index, loss_dict, total, targets, flags[0].item())
+                message = _non_finite_message(state, batch_index, loss_dict, total, bad_outputs, targets, ranks_bad)
                 if state.bad_steps > train_cfg.max_bad_steps:
                     raise NonFiniteLossError(message)
                 logger.info(f"WARNING: {message}; skipping it ({state.bad_steps}/{train_cfg.max_bad_steps} "
@@ -202,10 +209,31 @@ def _log_interval(meter, state, batches_in_epoch, accumulate, optimizer, step_ti
                 f"data {data_time:.3f}s step {step_time:.3f}s mem {memory:.0f}MB")
 
 
-def _non_finite_message(state, batch_index, loss_dict, total, targets, ranks_bad):
-    terms = ", ".join(f"{name}={value.item():.4g}" for name, value in loss_dict.items()
-                      if not torch.isfinite(value.detach()).all()) or "all terms finite on this rank"
+def non_finite_outputs(outputs, prefix=""):
+    """Names of the model output tensors that hold NaN or inf (checked before the matcher sees them)."""
+    names = []
+    if isinstance(outputs, dict):
+        for key, value in outputs.items():
+            names += non_finite_outputs(value, f"{prefix}{key}." if prefix or key else "")
+    elif isinstance(outputs, (list, tuple)):
+        for index, value in enumerate(outputs):
+            names += non_finite_outputs(value, f"{prefix}{index}.")
+    elif torch.is_tensor(outputs) and outputs.is_floating_point() and not torch.isfinite(outputs.detach()).all():
+        names.append(prefix.rstrip("."))
+    return names
+
+
+def _non_finite_message(state, batch_index, loss_dict, total, bad_outputs, targets, ranks_bad):
+    where = (f"non-finite loss at iteration {state.step + 1} (epoch {state.epoch}, batch {batch_index}) on "
+             f"{int(ranks_bad)} rank(s)")
     image_ids = [int(t["image_id"]) for t in targets if "image_id" in t]
-    return (f"non-finite loss at iteration {state.step + 1} (epoch {state.epoch}, batch {batch_index}) on "
-            f"{int(ranks_bad)} rank(s): total {total.item():.4g}; non-finite terms on rank "
-            f"{distributed.get_rank()}: {terms}; image ids {image_ids}")
+    if bad_outputs:
+        detail = f"the model's outputs are already non-finite on rank {distributed.get_rank()}: " + ", ".join(
+            bad_outputs[:6]) + (" ..." if len(bad_outputs) > 6 else "")
+    elif total is None:
+        detail = "another rank's model outputs are non-finite"
+    else:
+        terms = ", ".join(f"{name}={value.item():.4g}" for name, value in loss_dict.items()
+                          if not torch.isfinite(value.detach()).all()) or "all terms finite on this rank"
+        detail = f"total {total.item():.4g}; non-finite loss terms on rank {distributed.get_rank()}: {terms}"
+    return f"{where}: {detail}; image ids {image_ids}"

@@ -20,7 +20,7 @@ from .ema import ModelEMA
 from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
-from .signals import StopRequest
+from .signals import StopRequest, WorkerSignalShield
 from .train_loop import NonFiniteLossError, TrainState, train_one_epoch
 from .weights import load_weights
 
@@ -59,6 +59,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def describe_environment(device):
+    """What a bug report needs: versions, device, the git commit of this checkout."""
+    import subprocess
+    info = {"torch": str(torch.__version__), "cuda": str(torch.version.cuda), "device": str(device),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                     text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = "unknown"
+    return info
+
+
 def build_datasets(cfg, log):
     """(train_dataset, val_dataset or None) through the data package."""
     from ..data import build_dataset
@@ -94,7 +110,7 @@ def _make_checkpoint(model, optimizer, lr_scheduler, scaler, ema, state, cfg, ca
         "world_size": distributed.get_world_size(),
         "config": config_module.config_to_dict(cfg),
         "category_map": category_map,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 
@@ -135,6 +151,9 @@ class Trainer:
 
         self.logger = RunLogger(self.output_dir, enabled=self.is_main)
         log = self.logger.info
+        environment = describe_environment(self.device)
+        log("environment: " + ", ".join(f"{k} {v}" for k, v in environment.items()))
+        self.logger.record("run", {"world_size": self.world_size, **environment})
         log(f"detr_cuda training: world size {self.world_size}, device {self.device}, "
             f"batch {train_cfg.batch_size}/process x {self.world_size} x accumulate {train_cfg.accumulate_steps} "
             f"= {train_cfg.batch_size * self.world_size * train_cfg.accumulate_steps} images per step")
@@ -167,16 +186,15 @@ class Trainer:
             self.val_loader = build_dataloader(self.val_dataset, cfg.eval.batch_size, train=False,
                                                distributed=self.world_size > 1, num_workers=cfg.data.num_workers,
                                                seed=train_cfg.seed)
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.worker_init_fn = WorkerSignalShield(loader.worker_init_fn)
         self.steps_per_epoch = max(1, -(-len(self.train_loader) // max(1, train_cfg.accumulate_steps)))
         self.total_steps = train_cfg.epochs * self.steps_per_epoch
         if train_cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, train_cfg.max_steps)
 
-        self.ddp_model = self.model
-        if self.world_size > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+        self.ddp_model = self.wrap_model()
         self.optimizer = build_optimizer(self.model, train_cfg)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if train_cfg.amp == "fp16" else None
@@ -185,6 +203,15 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint, resume_path)
         self.stop = StopRequest().install()
+
+    def wrap_model(self):
+        """The model DistributedDataParallel-wrapped for a multi-process run (itself otherwise)."""
+        if self.world_size == 1:
+            return self.model
+        # Variants (two-stage, DN) may leave some parameters out of a step's graph.
+        return torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=True)
 
     def _resolve_resume(self, resume):
         if resume is None:
@@ -290,6 +317,11 @@ class Trainer:
             path = self.save(ckpt_io.LAST_NAME)
             raise NonFiniteLossError(f"{error}. Stopped; the last good state is saved in {path}. Lower train.lr, "
                                      "check the data, or raise train.max_bad_steps to skip such steps.") from None
+        except RuntimeError as error:
+            converted = distributed.peer_failure(error, f"training step {self.state.step + 1}")
+            if converted is None:
+                raise
+            raise converted from error
         finally:
             self.stop.uninstall()
         log(f"training finished at iteration {self.state.step} ({reason}) in {format_seconds(time.time() - started)}; "

@@ -33,6 +33,12 @@ bitwise deterministic (no atomics); the CUDA backward's grad_value uses float
 atomics, so it may differ in the last bits from run to run (grad of locations
 and weights are deterministic). Custom ops are outside
 torch.use_deterministic_algorithms.
+
+Gradients: first order for value, sampling_locations and attention_weights;
+differentiating the compiled backward again raises NotImplementedError.
+Checks: shapes, dtypes and devices on every call; the level geometry
+(S == sum H_l*W_l, level_start_index) once per spatial_shapes tensor, which on
+a GPU costs one small device-to-host copy (skipped while torch.compile traces).
 """
 import os
 import warnings
@@ -54,6 +60,10 @@ BACKENDS = ("cpu", "cuda", "reference")
 BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (or `make install`); "
               "in a checkout, `python setup.py build_ext --inplace` builds it in place")
 _VALUE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LAYOUTS = {"value": "(B, S, H, C)", "spatial_shapes": "(L, 2)", "level_start_index": "(L,)",
+            "sampling_locations": "(B, Q, H, L, P, 2)", "attention_weights": "(B, Q, H, L, P)"}
+_RANKS = {"value": 4, "spatial_shapes": 2, "level_start_index": 1, "sampling_locations": 6,
+          "attention_weights": 5}
 
 _fallback_warned = False
 # (spatial_shapes ref, its version, level_start_index ref, its version, S) of
@@ -95,7 +105,7 @@ def _warn_fallback(device):
     else:
         why = f"the compiled extension has no kernel for {device.type} tensors"
     warnings.warn(f"ms_deform_attn: {why}; using the slow pure-PyTorch reference backend. To use the "
-                  f"compiled kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+                  f"compiled kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend, device):
@@ -136,12 +146,9 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     for name, tensor in named:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    layouts = {"value": "(B, S, H, C)", "spatial_shapes": "(L, 2)", "level_start_index": "(L,)",
-               "sampling_locations": "(B, Q, H, L, P, 2)", "attention_weights": "(B, Q, H, L, P)"}
     for name, tensor in named:
-        rank = layouts[name].count(",") + (1 if not layouts[name].endswith(",)") else 0)
-        if tensor.dim() != rank:
-            raise ValueError(f"ms_deform_attn: {name} must be {rank}-d {layouts[name]}, "
+        if tensor.dim() != _RANKS[name]:
+            raise ValueError(f"ms_deform_attn: {name} must be {_RANKS[name]}-d {_LAYOUTS[name]}, "
                              f"got shape {tuple(tensor.shape)}")
     batch, _, heads, _ = value.shape
     levels = spatial_shapes.shape[0]
@@ -156,7 +163,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(
                 f"ms_deform_attn: {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
-                f"{layouts[name]} from value {tuple(value.shape)}, spatial_shapes {tuple(spatial_shapes.shape)} "
+                f"{_LAYOUTS[name]} from value {tuple(value.shape)}, spatial_shapes {tuple(spatial_shapes.shape)} "
                 f"and sampling_locations {tuple(sampling_locations.shape)}")
 
     if value.dtype not in _VALUE_DTYPES:
@@ -257,3 +264,12 @@ if _C is not None:
         return grad_value, None, None, grad_locations, grad_attention
 
     torch.library.register_autograd("detr_cuda::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise NotImplementedError("ms_deform_attn has no second derivative (double backward); the compiled "
+                                  "backends support first-order gradients only, use backend='reference' for more")
+
+    # Without this, differentiating the backward would silently give wrong
+    # (missing) terms; with it, it raises.
+    torch.library.register_autograd("detr_cuda::ms_deform_attn_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)

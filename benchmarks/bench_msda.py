@@ -1,0 +1,391 @@
+"""Benchmark of the ms_deform_attn operator.
+
+Prints one Markdown table: for each shape, backend and dtype the median
+forward, backward and forward+backward times, the forward+backward speedup
+over the reference backend (same shape and dtype, same run) and the peak
+memory of one forward+backward. On a GPU it also gives the achieved bytes/s
+of the compulsory memory traffic and the fraction of the modelled floor
+(formulas of /work/shared/kernel_floors.py, rewritten below).
+
+Shapes (Deformable DETR defaults: B=2, 8 heads x 32 channels, 4 levels, 4 points):
+    enc320   encoder of a 320x320 image   (maps 40x40 .. 5x5, Q = S = 2,125)
+    enc800   encoder of an 800x1333 image (maps 100x167 .. 13x21, Q = S = 22,223)
+    dec300   decoder, 300 queries on the 800x1333 maps
+    dec900   decoder, 900 queries (300 + 600 denoising) on the 800x1333 maps
+Sampling locations follow the layer's init pattern (8 directions, 1..4 px per
+point) plus noise around pixel-centre (encoder) or uniform (decoder)
+reference points; --distribution uniform draws them uniformly instead.
+
+Timing: CPU wall clock (time.perf_counter); GPU CUDA events around each call.
+Medians over --reps after --warmup. Backward is timed alone (the forward that
+builds its graph is outside the timer).
+Peak memory: GPU torch.cuda.max_memory_allocated over one forward+backward,
+minus what was allocated before. CPU (Linux): the peak resident set size
+(VmHWM, reset through /proc/self/clear_refs just before) during one
+forward+backward minus the resident set before it, in a fresh subprocess per
+row with glibc's mmap threshold fixed at 64 KiB so that freed large blocks
+leave the resident set.
+
+--baseline PATH imports an ALREADY BUILT original Deformable DETR extension
+(MultiScaleDeformableAttention*.so, built outside this repository) by path and
+times it beside ours on CUDA. This script never builds it.
+
+Examples:
+    python benchmarks/bench_msda.py --device cpu
+    python benchmarks/bench_msda.py --device cuda --dtypes float32 bfloat16 float16
+    python benchmarks/bench_msda.py --device cuda --baseline ~/dd_ops/MultiScaleDeformableAttention.cpython-311-x86_64-linux-gnu.so
+"""
+import argparse
+import datetime
+import importlib.machinery
+import importlib.util
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from detr_cuda.ops import functional, ms_deform_attn  # noqa: E402
+
+MAPS_800 = [(100, 167), (50, 84), (25, 42), (13, 21)]
+MAPS_320 = [(40, 40), (20, 20), (10, 10), (5, 5)]
+SHAPES = {
+    "enc320": dict(levels=MAPS_320, queries=None, encoder=True),
+    "enc800": dict(levels=MAPS_800, queries=None, encoder=True),
+    "dec300": dict(levels=MAPS_800, queries=300, encoder=False),
+    "dec900": dict(levels=MAPS_800, queries=900, encoder=False),
+}
+BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+# Machine numbers for the floors (kernel_floors.py): HBM bytes/s, SMs, clock.
+GPU_SPECS = {"H100": dict(hbm=3.35e12, sms=132, clock=1.98e9), "H200": dict(hbm=4.8e12, sms=132, clock=1.98e9)}
+
+
+# ------------------------------------------------------------------- inputs
+
+def make_inputs(shape_name, dtype, device, distribution="realistic", seed=0):
+    """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+
+    value is in ``dtype``; locations and weights are float32 (float64 for a
+    float64 value), the dtype contract the model uses.
+    """
+    spec = SHAPES[shape_name]
+    generator = torch.Generator().manual_seed(seed)
+    levels = spec["levels"]
+    spatial_shapes = torch.tensor(levels, dtype=torch.int64)
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    num_values = int(areas.sum())
+    queries = num_values if spec["encoder"] else spec["queries"]
+    loc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    num_levels = len(levels)
+
+    value = torch.randn(BATCH, num_values, HEADS, CHANNELS, generator=generator).to(dtype)
+    if distribution == "uniform":
+        locations = torch.rand(BATCH, queries, HEADS, num_levels, POINTS, 2, generator=generator)
+    else:
+        if spec["encoder"]:  # queries are the pixel centres of every level
+            centres = []
+            for height, width in levels:
+                ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+                centres.append(torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], -1))
+            reference = torch.cat(centres)[None].expand(BATCH, -1, -1)
+        else:
+            reference = torch.rand(BATCH, queries, 2, generator=generator)
+        thetas = torch.arange(HEADS) * (2 * math.pi / HEADS)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        radius = torch.arange(1, POINTS + 1, dtype=torch.float32)
+        pixel_offsets = directions[:, None, None, :] * radius[None, None, :, None]  # (H, 1, P, 2)
+        locations = torch.randn(BATCH, queries, HEADS, num_levels, POINTS, 2, generator=generator).mul_(0.5)
+        locations.add_(pixel_offsets)
+        normaliser = torch.tensor([[w, h] for h, w in levels], dtype=torch.float32)  # (L, 2) as (W, H)
+        locations.div_(normaliser[:, None, :]).add_(reference[:, :, None, None, None, :])
+    logits = torch.randn(BATCH, queries, HEADS, num_levels * POINTS, generator=generator)
+    attention = logits.softmax(-1).view(BATCH, queries, HEADS, num_levels, POINTS)
+    return (value.to(device), spatial_shapes.to(device), level_start_index.to(device),
+            locations.to(device=device, dtype=loc_dtype), attention.to(device=device, dtype=loc_dtype))
+
+
+# ---------------------------------------------------------------- backends
+
+class OursBackend:
+    def __init__(self, name):
+        self.name = name
+
+    def forward(self, inputs):
+        with torch.no_grad():
+            return ms_deform_attn(*inputs, backend=self.name)
+
+    def prepare_backward(self, inputs, grad_output):
+        leaves = [inputs[0].detach().requires_grad_(), inputs[3].detach().requires_grad_(),
+                  inputs[4].detach().requires_grad_()]
+        output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.name)
+        return lambda: torch.autograd.grad(output, leaves, grad_output)
+
+    def forward_backward(self, inputs, grad_output):
+        leaves = [inputs[0].detach().requires_grad_(), inputs[3].detach().requires_grad_(),
+                  inputs[4].detach().requires_grad_()]
+        output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.name)
+        return torch.autograd.grad(output, leaves, grad_output)
+
+
+class BaselineBackend:
+    """The original kernel's extension (ms_deform_attn_forward / _backward with im2col_step)."""
+
+    name = "original"
+
+    def __init__(self, path):
+        module_name = os.path.basename(path).split(".")[0]
+        loader = importlib.machinery.ExtensionFileLoader(module_name, path)
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+        self.module = importlib.util.module_from_spec(spec)
+        loader.exec_module(self.module)
+
+    def forward(self, inputs):
+        value, shapes, starts, loc, attn = inputs
+        return self.module.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+
+    def prepare_backward(self, inputs, grad_output):
+        value, shapes, starts, loc, attn = inputs
+        return lambda: self.module.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_output, 64)
+
+    def forward_backward(self, inputs, grad_output):
+        self.forward(inputs)
+        return self.prepare_backward(inputs, grad_output)()
+
+
+def backend_runs(backend_name, dtype, device, baseline):
+    """Whether a backend row exists for this dtype on this device."""
+    if backend_name == "original":
+        return baseline is not None and device == "cuda" and dtype in (torch.float32, torch.float64)
+    if backend_name == "reference":
+        return dtype != torch.float16 or device == "cuda"
+    return backend_name in functional.available_backends(device)
+
+
+# ------------------------------------------------------------------ timing
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(call, device, reps, warmup, prepare=None):
+    """Median milliseconds of call() (or of the function prepare() returns)."""
+    times = []
+    for rep in range(warmup + reps):
+        target = prepare() if prepare is not None else call
+        synchronize(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            target()
+            elapsed = (time.perf_counter() - began) * 1e3
+        if rep >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def peak_memory_mb(backend, inputs, grad_output, device, shape_name, dtype_name, args):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        backend.forward_backward(inputs, grad_output)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", shape_name, backend.name, dtype_name,
+               "--distribution", args.distribution]
+    # A fixed mmap threshold makes glibc return every large block to the OS on
+    # free, so the resident set follows what is really allocated.
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment)
+    if result.returncode != 0 or "nan" in result.stdout:
+        print(f"# memory probe failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return float("nan")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(shape_name, backend_name, dtype_name, distribution):
+    """Run in a fresh process: print the ru_maxrss growth (MiB) of one fwd+bwd."""
+    inputs = make_inputs(shape_name, DTYPES[dtype_name], "cpu", distribution)
+    grad_output = torch.randn(inputs[3].shape[0], inputs[3].shape[1], HEADS * CHANNELS).to(DTYPES[dtype_name])
+    backend = OursBackend(backend_name)
+    # One small call first, so thread pools and other one-time set-up are not counted.
+    small = make_inputs("enc320", DTYPES[dtype_name], "cpu", distribution)
+    backend.forward_backward([small[0][:1], small[1], small[2], small[3][:1, :8], small[4][:1, :8]],
+                             torch.zeros(1, 8, HEADS * CHANNELS, dtype=DTYPES[dtype_name]))
+    del small
+    # Reset the kernel's resident-set high-water mark (VmHWM), then read it back.
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # not Linux: no measurement
+        print("nan")
+        return
+    resident_before = status_kib("VmRSS")
+    backend.forward_backward(inputs, grad_output)
+    print((status_kib("VmHWM") - resident_before) / 1024)
+
+
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field + ":")).split()[1])
+
+
+# ------------------------------------------------------------------ floors
+
+def traffic_bytes(shape_name, value_bytes):
+    """Compulsory memory traffic of one call (kernel_floors.py's model).
+
+    Returns (forward bytes, backward bytes incl. the grad_value zero-fill,
+    gathered corner bytes). Locations and weights are float32, grad_value
+    accumulates in float32.
+    """
+    spec = SHAPES[shape_name]
+    num_values = sum(h * w for h, w in spec["levels"])
+    queries = num_values if spec["encoder"] else spec["queries"]
+    levels = len(spec["levels"])
+    samples = BATCH * queries * HEADS * levels * POINTS
+    value = BATCH * num_values * HEADS * CHANNELS * value_bytes
+    locations = samples * 2 * 4
+    attention = samples * 4
+    output = BATCH * queries * HEADS * CHANNELS * value_bytes
+    gathered = samples * 4 * CHANNELS * value_bytes
+    value_read = value if spec["encoder"] else min(value, gathered)
+    grad_value = BATCH * num_values * HEADS * CHANNELS * 4
+    grad_value_written = grad_value if spec["encoder"] else min(grad_value, samples * 4 * CHANNELS * 4)
+    forward = value_read + locations + attention + output
+    backward = value_read + output + locations + attention + grad_value_written + locations + attention
+    return forward, backward + grad_value, gathered
+
+
+def floor_ms(shape_name, value_bytes, gpu):
+    forward, backward, gathered = traffic_bytes(shape_name, value_bytes)
+    l1_bytes_per_s = gpu["sms"] * 128 * gpu["clock"]
+    forward_floor = max(forward / gpu["hbm"], gathered / l1_bytes_per_s)
+    backward_floor = max(backward / gpu["hbm"], gathered / l1_bytes_per_s)
+    return forward_floor * 1e3, backward_floor * 1e3, forward, backward
+
+
+# -------------------------------------------------------------------- main
+
+def describe_machine(device):
+    lines = [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        lines.append(f"commit: {commit.stdout.strip()}{' (with uncommitted changes)' if dirty else ''}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+        lines.append(f"cpu: {model}")
+    except OSError:
+        pass
+    if device == "cuda":
+        lines.append(f"gpu: {torch.cuda.get_device_name()}")
+    lines.append(f"command: python {' '.join(sys.argv)}")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
+                        help="default: enc320 dec300 dec900 on CPU (enc800 is minutes there), all on a GPU")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="default: float32 on CPU; float32 bfloat16 float16 on a GPU")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: every available one of cuda/cpu, reference, original (with --baseline)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default CPU 5, GPU 50)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions (default CPU 1, GPU 10)")
+    parser.add_argument("--distribution", choices=["realistic", "uniform"], default="realistic")
+    parser.add_argument("--baseline", metavar="PATH", help="an already built original-kernel extension (.so)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--memory-probe", nargs=3, metavar=("SHAPE", "BACKEND", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_probe:
+        memory_probe(*args.memory_probe, args.distribution)
+        return
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device == "cuda"
+    shapes = args.shapes or (sorted(SHAPES) if on_gpu else ["enc320", "dec300", "dec900"])
+    dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if on_gpu else ["float32"])
+    backends = args.backends or (["original"] if args.baseline else []) + (["cuda"] if on_gpu else ["cpu"]) + [
+        "reference"]
+    reps = args.reps or (50 if on_gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    baseline = BaselineBackend(os.path.expanduser(args.baseline)) if args.baseline else None
+    gpu = next((spec for key, spec in GPU_SPECS.items() if on_gpu and key in torch.cuda.get_device_name()), None)
+
+    for line in describe_machine(device):
+        print(f"# {line}")
+    print(f"# reps {reps}, warmup {warmup}, sampling {args.distribution}; times are medians in ms")
+    header = ["shape", "backend", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd speedup vs reference",
+              "peak MiB (fwd+bwd)"]
+    if gpu:
+        header += ["fwd GB/s", "fwd floor/time", "bwd GB/s", "bwd floor/time"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for shape_name in shapes:
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            inputs = make_inputs(shape_name, dtype, device, args.distribution)
+            grad_output = torch.randn(inputs[3].shape[0], inputs[3].shape[1], HEADS * CHANNELS,
+                                      device=device).to(dtype)
+            reference_total = None
+            rows = []
+            for backend_name in sorted(backends, key=lambda name: name != "reference"):
+                if not backend_runs(backend_name, dtype, device, baseline):
+                    continue
+                backend = baseline if backend_name == "original" else OursBackend(backend_name)
+                forward = median_ms(lambda: backend.forward(inputs), device, reps, warmup)
+                backward = median_ms(None, device, reps, warmup,
+                                     prepare=lambda: backend.prepare_backward(inputs, grad_output))
+                total = median_ms(lambda: backend.forward_backward(inputs, grad_output), device, reps, warmup)
+                if backend_name == "reference":
+                    reference_total = total
+                memory = (float("nan") if args.no_memory or backend_name == "original" and not on_gpu else
+                          peak_memory_mb(backend, inputs, grad_output, device, shape_name, dtype_name, args))
+                speedup = f"{reference_total / total:.2f}x" if reference_total else "n/a"
+                row = [shape_name, backend_name, dtype_name, f"{forward:.3f}", f"{backward:.3f}", f"{total:.3f}",
+                       speedup, f"{memory:.0f}"]
+                if gpu:
+                    forward_floor, backward_floor, forward_bytes, backward_bytes = floor_ms(
+                        shape_name, torch.finfo(dtype).bits // 8, gpu)
+                    row += [f"{forward_bytes / forward / 1e6:.0f}", f"{forward_floor / forward:.2f}",
+                            f"{backward_bytes / backward / 1e6:.0f}", f"{backward_floor / backward:.2f}"]
+                rows.append(row)
+            for row in rows:
+                print("| " + " | ".join(row) + " |", flush=True)
+            del inputs, grad_output
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""In-process unit tests of the engine pieces: optimizer groups, LR schedule, checkpoints, RNG, weights."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detr_cuda.config import load_config
+from detr_cuda.engine import checkpoint as ckpt_io
+from detr_cuda.engine.ema import ModelEMA
+from detr_cuda.engine.optim import build_lr_scheduler, build_optimizer
+from detr_cuda.engine.train_loop import non_finite_outputs, weighted_total
+from detr_cuda.engine.trainer import config_differences
+from detr_cuda.engine.weights import load_weights
+
+
+class Named(nn.Module):
+    """Parameter names shaped like the detector's."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.backbone = nn.ModuleList([nn.Linear(2, 2)])  # backbone.0.*
+        self.sampling_offsets = nn.Linear(2, 2)
+        self.reference_points = nn.Linear(2, 2)
+        self.class_embed = nn.ModuleList([nn.Linear(2, num_classes), nn.Linear(2, num_classes)])
+        self.head = nn.Linear(2, 2)
+
+
+def test_three_param_groups_by_name_and_step_drop_with_warmup():
+    cfg = load_config(None, ["train.lr=1e-3", "train.lr_backbone=1e-4", "train.lr_linear_proj_mult=0.1",
+                             "train.lr_drop=2", "train.warmup_steps=4"])
+    model = Named()
+    optimizer = build_optimizer(model, cfg.train)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4)
+    assert groups["linear_proj"]["lr"] == pytest.approx(1e-4)
+    assert groups["main"]["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert len(groups["linear_proj"]["params"]) == 4 and all(g["weight_decay"] == 1e-4 for g in groups.values())
+    scheduler = build_lr_scheduler(optimizer, cfg.train, steps_per_epoch=5)
+    seen = []
+    for _ in range(25):  # 5 epochs of 5 steps
+        seen.append(groups["main"]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(1e-3 / 4) and seen[3] == pytest.approx(1e-3)   # warm-up ramp
+    assert seen[9] == pytest.approx(1e-3) and seen[10] == pytest.approx(1e-4)      # drop after epoch 2
+    assert seen[20] == pytest.approx(1e-5)                                          # and after epoch 4
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "checkpoint_last.pth"
+    ckpt_io.save_atomic({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated)")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt_io.save_atomic({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint_last.pth"]  # no temporary file left behind
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    ckpt_io.save_atomic({"rng": ckpt_io.capture_rng_state()}, tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    ckpt_io.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_weights_reinitialise_or_map_class_heads_and_report(tmp_path):
+    source = Named(num_classes=91)
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 49},
+               tmp_path / "official_like.pth")
+    lines = []
+    target = Named(num_classes=3)
+    fresh_head = target.class_embed[0].weight.detach().clone()
+    report = load_weights(target, tmp_path / "official_like.pth", log=lines.append)
+    assert torch.equal(target.head.weight, source.head.weight)               # 'module.' prefix stripped
+    assert torch.equal(target.class_embed[0].weight, fresh_head)             # re-initialised, not loaded
+    assert "class_embed.0.weight" in report["reinitialised"]
+    assert any("RE-INITIALISED" in line and "91 vs 3" in line for line in lines)
+
+    mapped = Named(num_classes=3)
+    report = load_weights(mapped, tmp_path / "official_like.pth", category_ids=[1, 5, 90], log=lines.append)
+    assert torch.equal(mapped.class_embed[1].weight, source.class_embed[1].weight[[1, 5, 90]])
+    assert torch.equal(mapped.class_embed[1].bias, source.class_embed[1].bias[[1, 5, 90]])
+    assert "class_embed.1.bias" in report["mapped"]
+
+
+def test_resume_config_check_ignores_only_harmless_fields():
+    a = load_config(None, [])
+    b = load_config(None, ["train.max_steps=10", "train.epochs=60", "data.num_workers=0"])
+    assert config_differences(_as_dict(a), _as_dict(b)) == []
+    c = load_config(None, ["model.hidden_dim=128"])
+    assert config_differences(_as_dict(a), _as_dict(c)) == ["model.hidden_dim: 256 -> 128"]
+
+
+def _as_dict(config):
+    from detr_cuda.config import config_to_dict
+    return config_to_dict(config)
+
+
+def test_ema_tracks_weights_and_loss_helpers():
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # effective decay min(0.5, 2/11)
+    expected = model.weight - 1.0 + (1 - 2 / 11) * 1.0
+    torch.testing.assert_close(ema.module.weight, expected)
+    assert weighted_total({"a": torch.tensor(2.0), "b": torch.tensor(3.0), "c": torch.tensor(9.0)},
+                          {"a": 1.0, "b": 2.0}).item() == 8.0
+    outputs = {"pred_logits": torch.zeros(1, 2), "aux_outputs": [{"pred_boxes": torch.tensor([float("nan")])}]}
+    assert non_finite_outputs(outputs) == ["aux_outputs.0.pred_boxes"]
