@@ -44,6 +44,7 @@ def small_dataset(tmp_path):
         ann(4, 2, 5, [35, 25, 5.5, 5.5]),       # reaches 0.5 px past the right/bottom edge: clamped
         ann(5, 3, 90, [49.5, 10, 0.5, 10]),     # valid but 0.5 px wide
         ann(6, 4, 17, [1, 1, 4, 4]),
+        ann(7, 3, 5, [-0.9, 5, 0.8, 5]),        # within the 1 px tolerance, but nothing left after clamping
     ]
     return write_dataset(tmp_path, images, annotations, CATEGORIES)
 
@@ -77,6 +78,8 @@ def test_boxes_are_clamped_and_images_without_boxes_are_kept(small_dataset):
     dataset = CocoDetection(*small_dataset)
     _, target = dataset[1]
     assert target["boxes"].tolist() == [[35.0, 25.0, 40.0, 30.0]]
+    _, target = dataset[2]
+    assert target["boxes"].tolist() == [[49.5, 10.0, 50.0, 20.0]]  # annotation 7 dropped, 5 kept
     _, target = dataset[4]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["image_id"].item() == 5 and target["image_id"].dtype == torch.int64
@@ -89,7 +92,7 @@ def test_coco_ground_truth_keeps_crowd_regions(small_dataset):
     dataset = CocoDetection(*small_dataset)
     coco = dataset.load_coco_gt()
     assert len(coco.getAnnIds(iscrowd=True)) == 1
-    assert "5 images (1 without boxes), 5 boxes, 1 crowd" in dataset.summary()
+    assert "5 images (1 without boxes), 6 boxes, 1 crowd" in dataset.summary()
 
 
 def test_seeded_index_makes_augmentation_reproducible(small_dataset):
@@ -132,3 +135,13 @@ def test_subset_keeps_images_targets_and_category_map(small_dataset):
     assert len(dataset) == 5
     with pytest.raises(IndexError, match="subset indices"):
         dataset.subset([5])
+
+
+def test_bad_categories_and_empty_sets_are_named(tmp_path):
+    image = [("a.jpg", Image.new("RGB", (8, 8)))]
+    paths = write_dataset(tmp_path / "dup", image, [], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+    with pytest.raises(ValueError, match="distinct integer ids"):
+        CocoDetection(*paths)
+    paths = write_dataset(tmp_path / "none", [], [], CATEGORIES)
+    with pytest.raises(ValueError, match="ann.json: no images"):
+        CocoDetection(*paths)

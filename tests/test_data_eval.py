@@ -59,20 +59,20 @@ def evaluate_batches(dataset, batches, output_dir=None, drop_label=None):
         if drop_label is not None:
             detections = [{k: v[d["labels"] != drop_label] for k, v in d.items()} for d in detections]
         evaluator.update([t["image_id"] for t in targets], detections)
-    return evaluator.evaluate(output_dir)
+    return evaluator.evaluate(output_dir=output_dir)
 
 
 def test_ground_truth_as_detections_gives_ap_1_on_coco128(coco128_val, tmp_path):
     metrics = evaluate_batches(*coco128_val, output_dir=tmp_path)
-    assert metrics["AP"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP75"] == pytest.approx(1.0)
+    assert metrics["metrics"]["AP"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["metrics"]["AP50"] == pytest.approx(1.0) and metrics["metrics"]["AP75"] == pytest.approx(1.0)
     assert metrics["num_images"] == 128 and metrics["num_detections"] == 929  # 939 minus 10 crowd
     rows = {row["category_id"]: row for row in metrics["per_class"]}
     assert len(rows) == 80 and sum(r["AP"] is not None for r in rows.values()) == 71
     assert rows[1]["name"] == "person" and rows[1]["AP"] == pytest.approx(1.0)
     with open(tmp_path / "eval.json") as handle:
         written = json.load(handle)
-    assert written["AP"] == metrics["AP"] and len(written["coco_eval_bbox"]) == 12
+    assert written["metrics"] == metrics["metrics"] and len(written["coco_stats"]) == 12
     with open(tmp_path / "detections.json") as handle:
         detections = json.load(handle)
     assert len(detections) == 929 and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
@@ -85,7 +85,7 @@ def test_missing_class_lowers_only_that_class(coco128_val):
     metrics = evaluate_batches(*coco128_val, drop_label=person)
     rows = {row["category_id"]: row for row in metrics["per_class"]}
     assert rows[1]["AP"] == 0.0 and rows[2]["AP"] in (None, pytest.approx(1.0))
-    assert metrics["AP"] == pytest.approx(70 / 71, abs=1e-6)
+    assert metrics["metrics"]["AP"] == pytest.approx(70 / 71, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +104,11 @@ def test_duplicates_and_batch_size_do_not_change_ap(synthetic_val):
         evaluator.update([t["image_id"] for t in targets], detections)  # as the sampler's padding would
     once = evaluator.evaluate()
     assert once["num_detections"] == sum(len(t["labels"]) for _, _, ts in loader for t in ts)
-    assert 0 < once["AP"] < 1
+    assert 0 < once["metrics"]["AP"] < 1
 
     twice = run_evaluation(synthetic_val, batch_size=3, repeat=2)
     single = run_evaluation(synthetic_val, batch_size=1)
-    assert twice["coco_eval_bbox"] == single["coco_eval_bbox"] == once["coco_eval_bbox"]
+    assert twice["coco_stats"] == single["coco_stats"] == once["coco_stats"]
 
     # Without the de-duplication the repeats would be false positives: check that this test can fail.
     coco_gt = synthetic_val.load_coco_gt()
@@ -116,7 +116,19 @@ def test_duplicates_and_batch_size_do_not_change_ap(synthetic_val):
                for r in arrays_to_coco_results({int(t["image_id"]): detection_to_array(
                    int(t["image_id"]), d, synthetic_val.label_to_category_id)})]
     doubled = evaluate_coco(coco_gt, results + results, synthetic_val.image_ids.tolist())
-    assert doubled["AP"] < once["AP"]
+    assert doubled["metrics"]["AP"] < once["metrics"]["AP"]
+
+
+def test_pre_gathered_predictions_and_class_names(synthetic_val):
+    loader = build_dataloader(synthetic_val, batch_size=4, train=False)
+    predictions = {int(t["image_id"]): d for _, _, targets in loader
+                   for t, d in zip(targets, imperfect_detections(targets))}
+    names = ["disc", "box", "tri", "plus"]
+    evaluator = CocoEvaluator(synthetic_val.load_coco_gt(), synthetic_val.label_to_category_id, names)
+    result = evaluator.evaluate(predictions)
+    assert result["coco_stats"] == run_evaluation(synthetic_val, batch_size=2)["coco_stats"]
+    assert [row["name"] for row in result["per_class"]] == names
+    assert "plus" in evaluator.format_table(result)
 
 
 def test_no_detections_at_all_gives_zero_ap(synthetic_val, tmp_path):
@@ -124,8 +136,9 @@ def test_no_detections_at_all_gives_zero_ap(synthetic_val, tmp_path):
     for index in range(len(synthetic_val)):
         empty = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
         evaluator.update([int(synthetic_val.image_ids[index])], [empty])
-    metrics = evaluator.evaluate(tmp_path)
-    assert metrics["AP"] == 0.0 and metrics["AP50"] == 0.0 and metrics["num_detections"] == 0
+    metrics = evaluator.evaluate(output_dir=tmp_path)
+    assert metrics["metrics"]["AP"] == 0.0 and metrics["metrics"]["AP50"] == 0.0
+    assert metrics["num_detections"] == 0
     assert os.path.isfile(tmp_path / "eval.json")
 
 
@@ -148,7 +161,7 @@ def _distributed_worker(rank, world_size, port, folder, queue):
         # rank 0 generates the set and validates it, rank 1 waits and receives the report
         dataset = build_dataset(_synthetic_cfg(folder), "val")
         metrics = run_evaluation(dataset, batch_size=2, distributed=True)
-        queue.put((rank, metrics["coco_eval_bbox"], metrics["num_images"], dataset.report.ok))
+        queue.put((rank, metrics["coco_stats"], metrics["num_images"], dataset.report.ok))
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +178,6 @@ def test_two_processes_give_the_same_ap_as_one(tmp_path):
     results = sorted(queue.get(timeout=60) for _ in range(2))
     dataset = build_dataset(_synthetic_cfg(tmp_path), "val")  # the set the ranks generated
     single = run_evaluation(dataset, batch_size=3)
-    assert 0 < single["AP"] < 1
+    assert 0 < single["metrics"]["AP"] < 1
     for _, stats, num_images, report_ok in results:  # 9 images over 2 ranks: the sampler repeats one
-        assert num_images == 9 and stats == single["coco_eval_bbox"] and report_ok
+        assert num_images == 9 and stats == single["coco_stats"] and report_ok

@@ -117,3 +117,13 @@ def test_random_size_crop_handles_images_smaller_than_min_size():
     torch.manual_seed(0)
     cropped, _ = T.RandomSizeCrop(64, 128)(image, target)
     assert cropped.size == (30, 20)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train_short_sides": []}, "data.train_short_sides must be a non-empty list"),
+    ({"crop_min_size": 700}, r"data.crop_min_size \(700\) > data.crop_max_size \(600\)"),
+    ({"val_max_size": 0}, "data.val_max_size must be positive"),
+])
+def test_bad_sizes_name_the_config_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        T.build_transforms(DataConfig(**override), train=True)

@@ -106,6 +106,13 @@ def test_full_decode_and_header_modes_find_the_truncation(corrupted_coco128):
     assert check_image_file(os.path.join(image_dir, "nope.jpg"))[0] == "missing_image_file"
 
 
+def test_build_dataset_names_bad_policy_values(tmp_path):
+    cfg = load_config(None, ["data.dataset=synthetic", f"data.synthetic_dir={tmp_path}",
+                             "data.invalid_annotations=ignore"])
+    with pytest.raises(ValueError, match=r"data.invalid_annotations must be one of \('fail', 'skip'\)"):
+        build_dataset(cfg, "train")
+
+
 def test_build_dataset_names_missing_config_paths(tmp_path):
     cfg = load_config(None, ["data.dataset=coco"])
     with pytest.raises(ValueError, match="data.train_images"):

@@ -5,6 +5,7 @@ import torch
 
 from .coco import CocoDetection
 from .transforms import build_transforms
+from .validate import CHECK_IMAGE_MODES, POLICIES
 
 SPLITS = ("train", "val")
 
@@ -57,6 +58,9 @@ def build_dataset(cfg, split):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data_cfg = cfg.data
+    for name, allowed in (("invalid_annotations", POLICIES), ("check_images", CHECK_IMAGE_MODES)):
+        if getattr(data_cfg, name) not in allowed:
+            raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(data_cfg, name)!r}")
     if data_cfg.dataset == "coco":
         image_dir, annotation_file = coco_paths(data_cfg, split)
     elif data_cfg.dataset == "synthetic":

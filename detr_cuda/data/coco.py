@@ -10,6 +10,9 @@ Crowd regions (``iscrowd=1``) are left out of the training targets; they stay
 in the ground truth that :meth:`CocoDetection.load_coco_gt` returns, where
 pycocotools treats them as "ignore" regions. Images without boxes are kept.
 
+EXIF orientation is not applied: COCO boxes refer to the stored pixel layout
+(the validator reports files whose size differs from the JSON's).
+
 Per-image data is held in flat numpy arrays (not lists of dicts), so forked
 data-loader workers do not slowly copy the parent's annotation objects.
 """
@@ -105,11 +108,18 @@ class CocoDetection(torch.utils.data.Dataset):
             torch.distributed.broadcast_object_list(box, src=0)
             self.report = box[0]
         coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations, log=rank in (None, 0)))
+        raw_count = len(raw["images"])
         del raw
 
-        categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
-        if not categories:
-            raise ValueError(f"{annotation_file}: 'categories' is empty")
+        categories = coco.dataset["categories"]
+        ids = [c.get("id") if isinstance(c, dict) else None for c in categories]
+        if not categories or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
+                or len(set(ids)) != len(ids):
+            raise ValueError(f"{annotation_file}: 'categories' must be a non-empty list of entries with "
+                             f"distinct integer ids, got ids {ids[:20]}")
+        if not coco.imgs:
+            raise ValueError(f"{annotation_file}: no images" + (" left after validation" if raw_count else ""))
+        categories = sorted(categories, key=lambda c: c["id"])
         self.label_to_category_id = [int(c["id"]) for c in categories]
         self.class_names = [str(c.get("name", c["id"])) for c in categories]
         self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.label_to_category_id)}

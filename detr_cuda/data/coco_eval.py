@@ -6,7 +6,11 @@ Usage (every rank)::
     for images, padding_mask, targets in loader:
         results = postprocessor(model(images, padding_mask), orig_sizes)   # per image: scores, labels, boxes
         evaluator.update([t["image_id"] for t in targets], results)
-    metrics = evaluator.evaluate(output_dir)     # same dict on every rank; rank 0 writes the files
+    result = evaluator.evaluate(output_dir=output_dir)  # same dict on every rank; rank 0 writes files
+    result["metrics"]["AP"], result["per_class"], format_metrics(result)
+
+or, when the caller has already gathered {image id: detection dict} on one
+rank: ``evaluator.evaluate(predictions, output_dir)`` (no communication).
 
 Detections are stored per image id, so images repeated by the distributed
 sampler's padding count once, and the evaluated image set is exactly the set
@@ -74,12 +78,16 @@ def _empty_results(coco_gt):
     return coco_dt
 
 
-def evaluate_coco(coco_gt, coco_results, image_ids):
+def evaluate_coco(coco_gt, coco_results, image_ids, class_names=None):
     """COCO bbox metrics of ``coco_results`` (COCO results list) on ``image_ids``.
 
-    Returns {"AP", "AP50", ..., "ARl": float (-1 where the subset has no ground
-    truth, as pycocotools), "coco_eval_bbox": the 12 stats, "per_class": [...],
-    "num_images", "num_detections", "summary": pycocotools' text table}.
+    Returns {"metrics": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1",
+    "AR10", "AR100", "ARs", "ARm", "ARl"} (floats; -1 where the subset has no
+    ground truth, as pycocotools), "coco_stats": the same 12 numbers in
+    pycocotools' order (DETR's ``test_coco_eval_bbox``), "per_class": [{
+    "category_id", "name", "num_gt", "AP", "AP50"} (AP None without ground
+    truth)], "num_images", "num_detections", "summary": pycocotools' table}.
+    ``class_names``: {category id: name} overriding the ground-truth names.
     """
     image_ids = sorted({int(i) for i in image_ids})
     if not image_ids:
@@ -98,13 +106,12 @@ def evaluate_coco(coco_gt, coco_results, image_ids):
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
     stats = [float(s) for s in coco_eval.stats]
-    metrics = dict(zip(STAT_NAMES, stats))
-    metrics["coco_eval_bbox"] = stats
 
     # precision: (iou thresholds, recall points, categories, area ranges, max dets); area "all", 100 dets.
     precision = coco_eval.eval["precision"]
     category_ids = coco_eval.params.catIds
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.dataset["categories"]}
+    names.update(class_names or {})
     image_set = set(image_ids)
     per_class = []
     for k, category_id in enumerate(category_ids):
@@ -117,15 +124,14 @@ def evaluate_coco(coco_gt, coco_results, image_ids):
             "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else None,
             "AP50": float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else None,
         })
-    metrics.update(per_class=per_class, num_images=len(image_ids), num_detections=len(coco_results),
-                   summary=summary.getvalue())
-    return metrics
+    return {"metrics": dict(zip(STAT_NAMES, stats)), "coco_stats": stats, "per_class": per_class,
+            "num_images": len(image_ids), "num_detections": len(coco_results), "summary": summary.getvalue()}
 
 
-def format_metrics(metrics):
+def format_metrics(result):
     """pycocotools' 12-line table followed by a per-class AP table (classes without ground truth: '-')."""
-    lines = [metrics["summary"].rstrip(), f"{'category':<24}{'id':>6}{'gt':>7}{'AP':>8}{'AP50':>8}"]
-    for row in metrics["per_class"]:
+    lines = [result["summary"].rstrip(), f"{'category':<24}{'id':>6}{'gt':>7}{'AP':>8}{'AP50':>8}"]
+    for row in result["per_class"]:
         ap = "-" if row["AP"] is None else f"{row['AP']:.3f}"
         ap50 = "-" if row["AP50"] is None else f"{row['AP50']:.3f}"
         lines.append(f"{row['name'][:23]:<24}{row['category_id']:>6}{row['num_gt']:>7}{ap:>8}{ap50:>8}")
@@ -133,11 +139,15 @@ def format_metrics(metrics):
 
 
 class CocoEvaluator:
-    """Collects per-image detections (see module docstring) and evaluates them once, on rank 0."""
+    """Collects per-image detections (see module docstring) and evaluates them once, on rank 0.
 
-    def __init__(self, coco_gt, label_to_category_id, score_threshold=0.0):
+    class_names: optional names in label order (default: the ground truth's).
+    """
+
+    def __init__(self, coco_gt, label_to_category_id, class_names=None, score_threshold=0.0):
         self.coco_gt = coco_gt
         self.label_to_category_id = [int(c) for c in label_to_category_id]
+        self.class_names = None if class_names is None else dict(zip(self.label_to_category_id, class_names))
         self.score_threshold = score_threshold
         self.results = {}  # image id -> (K, 6) array [x, y, w, h, score, category id]
 
@@ -164,27 +174,45 @@ class CocoEvaluator:
                 merged.setdefault(image_id, results)
         return merged
 
-    def evaluate(self, output_dir=None):
-        """Metrics dict of :func:`evaluate_coco` on every rank; rank 0 writes ``eval.json`` and
-        ``detections.json`` (COCO results format) into ``output_dir`` when given."""
+    def evaluate(self, predictions=None, output_dir=None):
+        """Result dict of :func:`evaluate_coco`; writes ``eval.json`` and ``detections.json`` (COCO
+        results format) into ``output_dir`` when given.
+
+        predictions=None: evaluates what :meth:`update` collected; under
+        torch.distributed this is a collective (every rank calls it, rank 0
+        computes, every rank gets the result). predictions={image id: detection
+        dict}: the complete set, already gathered by the caller; evaluated here
+        without any communication.
+        """
+        if predictions is not None:
+            arrays = {int(image_id): detection_to_array(image_id, detection, self.label_to_category_id,
+                                                        self.score_threshold)
+                      for image_id, detection in predictions.items()}
+            return self._evaluate_arrays(arrays, output_dir)
         merged = self.gather()
         rank = torch.distributed.get_rank() if _dist_ready() else 0
-        metrics = None
-        if rank == 0:
-            coco_results = arrays_to_coco_results(merged)
-            metrics = evaluate_coco(self.coco_gt, coco_results, merged.keys())
-            if output_dir is not None:
-                write_eval_files(output_dir, metrics, coco_results)
+        result = self._evaluate_arrays(merged, output_dir) if rank == 0 else None
         if _dist_ready():
-            box = [metrics]
+            box = [result]
             torch.distributed.broadcast_object_list(box, src=0)
-            metrics = box[0]
-        return metrics
+            result = box[0]
+        return result
+
+    def _evaluate_arrays(self, arrays, output_dir):
+        coco_results = arrays_to_coco_results(arrays)
+        result = evaluate_coco(self.coco_gt, coco_results, arrays.keys(), self.class_names)
+        if output_dir is not None:
+            write_eval_files(output_dir, result, coco_results)
+        return result
+
+    @staticmethod
+    def format_table(result):
+        return format_metrics(result)
 
 
-def write_eval_files(output_dir, metrics, coco_results):
+def write_eval_files(output_dir, result, coco_results):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval.json"), "w") as handle:
-        json.dump({k: v for k, v in metrics.items() if k != "summary"}, handle, indent=1)
+        json.dump({k: v for k, v in result.items() if k != "summary"}, handle, indent=1)
     with open(os.path.join(output_dir, "detections.json"), "w") as handle:
         json.dump(coco_results, handle)

@@ -213,6 +213,16 @@ def build_transforms(data_cfg, train):
     ``crop_min_size..crop_max_size`` -> multi-scale resize; then normalisation.
     eval: resize to ``val_short_side`` (longer side <= ``val_max_size``), normalisation.
     """
+    for name in ("train_short_sides", "crop_resize_sides"):
+        sizes = getattr(data_cfg, name)
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"data.{name} must be a non-empty list of positive sizes, got {sizes}")
+    for name in ("train_max_size", "val_short_side", "val_max_size", "crop_min_size"):
+        if getattr(data_cfg, name) < 1:
+            raise ValueError(f"data.{name} must be positive, got {getattr(data_cfg, name)}")
+    if data_cfg.crop_min_size > data_cfg.crop_max_size:
+        raise ValueError(f"data.crop_min_size ({data_cfg.crop_min_size}) > data.crop_max_size "
+                         f"({data_cfg.crop_max_size})")
     if not train:
         return Compose([RandomResize([data_cfg.val_short_side], data_cfg.val_max_size), ToTensorNormalize()])
     steps = []
