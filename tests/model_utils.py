@@ -45,3 +45,26 @@ def random_targets(counts, num_classes, seed=0):
 
 def total_loss(criterion, losses):
     return sum(losses[k] * criterion.weight_dict[k] for k in criterion.weight_dict if k in losses)
+
+
+def rectangle_images(count, size=64, seed=0):
+    """Generated images with 1-2 filled rectangles of 2 colours (class = colour).
+
+    Returns images (count, 3, size, size), padding_mask (all False), targets.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0]])
+    images = torch.zeros(count, 3, size, size)
+    targets = []
+    for i in range(count):
+        labels, boxes = [], []
+        for _ in range(int(torch.randint(1, 3, (1,), generator=generator))):
+            w, h = torch.randint(12, 28, (2,), generator=generator).tolist()
+            x0 = int(torch.randint(0, size - w, (1,), generator=generator))
+            y0 = int(torch.randint(0, size - h, (1,), generator=generator))
+            label = int(torch.randint(0, 2, (1,), generator=generator))
+            images[i, :, y0:y0 + h, x0:x0 + w] = colours[label][:, None, None]
+            labels.append(label)
+            boxes.append([(x0 + w / 2) / size, (y0 + h / 2) / size, w / size, h / size])
+        targets.append({"labels": torch.tensor(labels), "boxes": torch.tensor(boxes)})
+    return images, torch.zeros(count, size, size, dtype=torch.bool), targets

@@ -118,6 +118,7 @@ class ResNet(nn.Module):
         if width < 1:
             raise ValueError(f"model.backbone_width must be >= 1, got {width}")
         block, layers = RESNET_SPECS[name]
+        self.name = name
         self.inplanes = width
         self.dilation = 1
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -181,8 +182,8 @@ def load_torchvision_resnet_weights(body, path):
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"{path} does not match the {type(body).__name__} backbone "
-                 f"(is it a torchvision ResNet of the configured depth?)"]
+        lines = [f"{path} does not match the {body.name} backbone "
+                 f"(is it a torchvision {body.name} state dict?)"]
         if missing:
             lines.append(f"  missing {len(missing)} keys, e.g. {missing[:5]}")
         if unexpected:

@@ -42,3 +42,14 @@ def build_model(cfg, num_classes=None):
                            with_box_refine=model_cfg.with_box_refine, two_stage=model_cfg.two_stage)
     criterion = build_criterion(cfg, num_classes, build_matcher(cfg))
     return model, criterion, build_postprocessor(cfg)
+
+
+def set_msda_backend(model, backend):
+    """Points every MSDeformAttn layer of ``model`` at ``backend`` (None = automatic by device)."""
+    from ..ops import MSDeformAttn
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            module.backend = backend
+            count += 1
+    return count

@@ -54,7 +54,7 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
         """Sigmoid focal loss against one-hot targets; unmatched queries target all zeros."""
-        src_logits = outputs["pred_logits"]
+        src_logits = outputs["pred_logits"].float()  # losses in float32 also under autocast
         batch_idx, src_idx = self._src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][J] for t, (_, J) in zip(targets, indices)]).to(src_logits.device)
         target_onehot = torch.zeros_like(src_logits)
@@ -74,7 +74,7 @@ class SetCriterion(nn.Module):
     def loss_boxes(self, outputs, targets, indices, num_boxes):
         """L1 on (cx, cy, w, h) and 1 - GIoU on xyxy of matched pairs, each summed / num_boxes."""
         batch_idx, src_idx = self._src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][batch_idx, src_idx]
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()
         target_boxes = torch.cat([t["boxes"][J] for t, (_, J) in zip(targets, indices)], 0).to(src_boxes)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)))

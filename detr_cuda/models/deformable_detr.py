@@ -130,7 +130,7 @@ class DeformableDETR(nn.Module):
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
             reference = inverse_sigmoid(init_reference if layer == 0 else inter_references[layer - 1])
-            box_logits = self.bbox_embed[layer](hs[layer])
+            box_logits = self.bbox_embed[layer](hs[layer]).float()  # boxes in float32 under autocast
             if reference.shape[-1] == 4:
                 box_logits = box_logits + reference
             else:
@@ -150,10 +150,18 @@ class DeformableDETR(nn.Module):
                                   "pred_boxes": enc_outputs_coord_unact.sigmoid()}
         return out
 
-    def forward(self, images, padding_mask, targets=None):
+    def run_transformer(self, images, padding_mask, prefix_queries=None, self_attn_mask=None):
+        """Backbone + transformer; returns the transformer's 5-tuple (see DeformableTransformer).
+
+        ``prefix_queries`` / ``self_attn_mask`` are the DN hooks, passed through unchanged.
+        """
         srcs, masks, positions = self.multi_scale_features(images, padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
+        return self.transformer(srcs, masks, positions, query_embed, prefix_queries=prefix_queries,
+                                self_attn_mask=self_attn_mask)
+
+    def forward(self, images, padding_mask, targets=None):
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = \
-            self.transformer(srcs, masks, positions, query_embed)
+            self.run_transformer(images, padding_mask)
         outputs_class, outputs_coord = self.predict(hs, init_reference, inter_references)
         return self.format_outputs(outputs_class, outputs_coord, enc_outputs_class, enc_outputs_coord_unact)

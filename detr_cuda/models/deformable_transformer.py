@@ -167,7 +167,7 @@ class DeformableTransformerDecoder(nn.Module):
             output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
                            src_level_start_index, src_padding_mask, self_attn_mask)
             if self.refine_boxes:
-                delta = self.bbox_embed[layer_index](output)
+                delta = self.bbox_embed[layer_index](output).float()
                 if reference_points.shape[-1] == 4:
                     new_reference_points = (delta + inverse_sigmoid(reference_points)).sigmoid()
                 else:
@@ -321,12 +321,13 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
-            return tgt, query_pos, self.reference_points(query_pos).sigmoid(), None, None
+            # References stay float32 under autocast: they are coordinates, not features.
+            return tgt, query_pos, self.reference_points(query_pos).float().sigmoid(), None, None
         output_memory, output_proposals = self.gen_encoder_output_proposals(
             memory, encoded["mask"], encoded["spatial_shapes"])
         head_index = self.decoder.num_layers
         enc_outputs_class = self.decoder.class_embed[head_index](output_memory)
-        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory) + output_proposals
+        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory).float() + output_proposals
         topk = self.two_stage_num_proposals
         if topk > memory.shape[1]:
             raise ValueError(f"two-stage selects {topk} proposals (model.num_queries) but the encoder has only "
