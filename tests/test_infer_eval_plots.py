@@ -46,7 +46,7 @@ def _open_png(path):
 def test_plots_next_to_eval_json(evaluated):
     pytest.importorskip("matplotlib")
     out_dir, annotations, metrics = evaluated
-    assert 0.2 < metrics["AP50"] <= 1.0  # the noisy copies are mostly right: a real curve, not a flat line
+    assert 0.2 < metrics["metrics"]["AP50"] <= 1.0  # the noisy copies are mostly right: a real curve, not a flat line
     written = eval_plots.write_eval_plots(str(out_dir / "eval.json"), coco_gt=annotations)
     assert written == [str(out_dir / eval_plots.AP_BARS_FILE), str(out_dir / eval_plots.PR_CURVE_FILE)]
     for path in written:
