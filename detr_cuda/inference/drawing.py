@@ -92,15 +92,16 @@ def draw_sampling_points(image, points_per_level, weights_per_level=None, refere
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))
     if reference_point is not None:
         x, y = reference_point
-        arm = 2 * base
-        draw.line([x - arm, y, x + arm, y], fill=(255, 255, 255), width=max(1, int(base / 2)))
-        draw.line([x, y - arm, x, y + arm], fill=(255, 255, 255), width=max(1, int(base / 2)))
+        arm = 3 * base
+        for colour, width in (((0, 0, 0), max(3, int(base))), ((255, 255, 255), max(1, int(base / 2)))):
+            draw.line([x - arm, y, x + arm, y], fill=colour, width=width)
+            draw.line([x, y - arm, x, y + arm], fill=colour, width=width)
     font = _font(picture)
-    legend_y = 4
-    for level in range(len(points_per_level)):
-        _label(draw, (4, legend_y + 20), f"level {level}", LEVEL_COLOURS[level % len(LEVEL_COLOURS)], font,
-               picture.size)
-        legend_y += font.getbbox("Ag")[3] + 8
+    line_height = font.getbbox("Ag")[3] + 6
     if title:
-        _label(draw, (picture.width // 3, 20), title, (255, 255, 255), font, picture.size)
+        _label(draw, (4, line_height), title, (255, 255, 255), font, picture.size)
+    for level in range(len(points_per_level)):
+        # _label puts the text above its anchor when there is room: anchor one line further down.
+        _label(draw, (4, (level + 2 + bool(title)) * line_height), f"level {level}",
+               LEVEL_COLOURS[level % len(LEVEL_COLOURS)], font, picture.size)
     return picture

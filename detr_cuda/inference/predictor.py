@@ -118,8 +118,8 @@ def load_detector(checkpoint_path, config_path=None, overrides=(), device="auto"
                   prefer_ema=True):
     """Builds the detector stored in ``checkpoint_path`` (ours or official) on ``device``.
 
-    config: the checkpoint's own when it holds one, else ``config_path`` (required then);
-    ``overrides`` ("section.field=value") apply on top of either. Category map: the
+    config: ``config_path`` when given, else the checkpoint's own (so an official checkpoint,
+    which holds none, needs ``config_path``); ``overrides`` ("section.field=value") apply on top of either. Category map: the
     checkpoint's, else ``annotations`` (an instances JSON), else the official COCO map for
     a 91-logit head; anything else is an error. ``prefer_ema``: our checkpoints' EMA weights
     when the run kept them.
