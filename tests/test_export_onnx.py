@@ -14,10 +14,13 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 HEIGHT, WIDTH = 64, 96
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+VARIANTS = {"single_stage": [], "two_stage_refine": ["model.with_box_refine=true", "model.two_stage=true"]}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def exported(tmp_path_factory, request):
     torch.manual_seed(0)
-    model, _, _ = build_model(tiny_infer_config("model.msda_backend=null"), 4)
+    model, _, _ = build_model(tiny_infer_config("model.msda_backend=null", *VARIANTS[request.param]), 4)
     model.eval()
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export_onnx(model, path, HEIGHT, WIDTH)
