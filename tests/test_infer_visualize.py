@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data_paths import REPO_ROOT
-from infer_utils import tiny_trained  # noqa: F401  (fixture)
+from infer_utils import tiny_infer_config, tiny_trained  # noqa: F401  (fixture)
 
 from detr_cuda.data.loader import collate_fn
 from detr_cuda.inference import load_detector
@@ -16,6 +16,7 @@ from detr_cuda.inference.attention import (SamplingRecorder, capture_decoder_sam
                                            query_points_in_image)
 from detr_cuda.inference.predictor import preprocess, read_image
 from detr_cuda.inference.visualize import render_attention, write_ground_truth_vs_predictions
+from detr_cuda.models import build_model
 from detr_cuda.ops import ms_deform_attn_reference
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -26,16 +27,9 @@ def _first_image(shapes):
     return os.path.join(shapes["images"], sorted(os.listdir(shapes["images"]))[0])
 
 
-def test_recorded_locations_are_the_ones_the_layer_samples(tiny_trained):
-    """Re-running the operator on the recorded locations and weights reproduces the layer's output,
-    for a padded batch of two differently sized images."""
-    checkpoint, shapes = tiny_trained
-    detector = load_detector(checkpoint, device="cpu")
-    names = sorted(os.listdir(shapes["images"]))[:2]
-    images = [read_image(os.path.join(shapes["images"], n)).resize(size) for n, size in zip(names, [(96, 96), (128, 96)])]
-    pixels, padding_mask, _ = collate_fn([(preprocess(image, detector.config.data), {}) for image in images])
-    assert padding_mask[0].any() and not padding_mask[1].any()   # 96 x 96 padded to 96 x 128
-    layer = last_decoder_cross_attention(detector.model)
+def _recompute_layer_output(model, pixels, padding_mask):
+    """(record, layer output, the output recomputed by the operator from the recorded locations)."""
+    layer = last_decoder_cross_attention(model)
     seen = {}
 
     def keep_io(module, args, output):
@@ -43,7 +37,7 @@ def test_recorded_locations_are_the_ones_the_layer_samples(tiny_trained):
 
     handle = layer.register_forward_hook(keep_io)
     try:
-        _, record = capture_decoder_sampling(detector.model, pixels, padding_mask)
+        _, record = capture_decoder_sampling(model, pixels, padding_mask)
     finally:
         handle.remove()
     _, _, input_flatten, spatial_shapes, level_start_index, input_padding_mask = seen["args"]
@@ -53,13 +47,40 @@ def test_recorded_locations_are_the_ones_the_layer_samples(tiny_trained):
         again = layer.output_proj(ms_deform_attn_reference(value, spatial_shapes, level_start_index,
                                                            record["sampling_locations"],
                                                            record["attention_weights"]))
-    torch.testing.assert_close(again, seen["output"], rtol=1e-5, atol=1e-5)
+    return record, seen["output"], again
+
+
+def test_recorded_locations_are_the_ones_the_layer_samples(tiny_trained):
+    """Re-running the operator on the recorded locations and weights reproduces the layer's output,
+    for a padded batch of two differently sized images (2-d reference points)."""
+    checkpoint, shapes = tiny_trained
+    detector = load_detector(checkpoint, device="cpu")
+    names = sorted(os.listdir(shapes["images"]))[:2]
+    images = [read_image(os.path.join(shapes["images"], n)).resize(size) for n, size in zip(names, [(96, 96), (128, 96)])]
+    pixels, padding_mask, _ = collate_fn([(preprocess(image, detector.config.data), {}) for image in images])
+    assert padding_mask[0].any() and not padding_mask[1].any()   # 96 x 96 padded to 96 x 128
+    record, output, again = _recompute_layer_output(detector.model, pixels, padding_mask)
+    torch.testing.assert_close(again, output, rtol=1e-5, atol=1e-5)
     assert record["sampling_locations"].shape == (2, 10, 4, 4, 2, 2)
+    assert record["reference_points"].shape[-1] == 2
     # The narrower image fills part of the padded canvas's width; the recorder knows how much.
     assert (record["valid_ratios"][1] == 1).all()
     # (The 2 x 2 stride-64 level rounds 1.5 valid columns up to all of them.)
     torch.testing.assert_close(record["valid_ratios"][0][:, 0], torch.tensor([0.75, 0.75, 0.75, 1.0]))
     assert (record["valid_ratios"][0][:, 1] == 1).all()
+
+
+def test_recorded_locations_two_stage_box_references():
+    """Two-stage + box refinement: 4-d reference boxes scale the offsets; same check."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_infer_config("model.with_box_refine=true", "model.two_stage=true"), 3)
+    model.eval()
+    pixels = torch.randn(2, 3, 96, 128)
+    padding_mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding_mask[1, 64:, :] = True
+    record, output, again = _recompute_layer_output(model, pixels, padding_mask)
+    torch.testing.assert_close(again, output, rtol=1e-5, atol=1e-5)
+    assert record["reference_points"].shape[-1] == 4
 
 
 def test_recorder_requires_msdeformattn():
