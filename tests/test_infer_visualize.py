@@ -56,7 +56,8 @@ def test_recorded_locations_are_the_ones_the_layer_samples(tiny_trained):
     checkpoint, shapes = tiny_trained
     detector = load_detector(checkpoint, device="cpu")
     names = sorted(os.listdir(shapes["images"]))[:2]
-    images = [read_image(os.path.join(shapes["images"], n)).resize(size) for n, size in zip(names, [(96, 96), (128, 96)])]
+    images = [read_image(os.path.join(shapes["images"], name)).resize(size)
+              for name, size in zip(names, [(96, 96), (128, 96)])]
     pixels, padding_mask, _ = collate_fn([(preprocess(image, detector.config.data), {}) for image in images])
     assert padding_mask[0].any() and not padding_mask[1].any()   # 96 x 96 padded to 96 x 128
     record, output, again = _recompute_layer_output(detector.model, pixels, padding_mask)

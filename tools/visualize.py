@@ -51,8 +51,8 @@ def main(argv=None):
     from detr_cuda.inference.predictor import read_image
     from detr_cuda.inference.visualize import render_attention, write_ground_truth_vs_predictions
     try:
-        detector = load_detector(args.checkpoint, args.config, args.overrides, args.device,
-                                 annotations=getattr(args, "annotations", None))
+        # Predictions are named by the checkpoint's own category map, ground truth by the dataset's.
+        detector = load_detector(args.checkpoint, args.config, args.overrides, args.device)
         if args.mode == "compare":
             written = write_ground_truth_vs_predictions(detector, args.images, args.annotations, args.output_dir,
                                                         args.num_images, args.image_ids, args.score_threshold)

@@ -119,10 +119,10 @@ def load_detector(checkpoint_path, config_path=None, overrides=(), device="auto"
     """Builds the detector stored in ``checkpoint_path`` (ours or official) on ``device``.
 
     config: ``config_path`` when given, else the checkpoint's own (so an official checkpoint,
-    which holds none, needs ``config_path``); ``overrides`` ("section.field=value") apply on top of either. Category map: the
-    checkpoint's, else ``annotations`` (an instances JSON), else the official COCO map for
-    a 91-logit head; anything else is an error. ``prefer_ema``: our checkpoints' EMA weights
-    when the run kept them.
+    which holds none, needs ``config_path``); ``overrides`` ("section.field=value") apply on top.
+    Category map: ``annotations`` (an instances JSON) when given, else the checkpoint's, else the
+    official COCO map for a 91-logit head; anything else is an error. ``prefer_ema``: our
+    checkpoints' EMA weights when the run kept them.
     """
     checkpoint = load_file(checkpoint_path)
     state = extract_state_dict(stored_weights(checkpoint, prefer_ema)[0], str(checkpoint_path))
