@@ -62,8 +62,8 @@ def run_backend(backend, args, annotations, folder):
     intervals = [r for r in records if r["type"] == "train_interval"]
     step_seconds = sum(r["step_time"] * 10 for r in intervals)  # log_interval=10 steps per record
     metrics = json.load(open(os.path.join(output, "eval.json")))
-    return {"backend": backend, "steps_per_s": len(intervals) * 10 / step_seconds, "AP": metrics["AP"],
-            "AP50": metrics["AP50"], "final_loss": intervals[-1]["loss"], "wall_s": wall}
+    return {"backend": backend, "steps_per_s": len(intervals) * 10 / step_seconds, "AP": metrics["metrics"]["AP"],
+            "AP50": metrics["metrics"]["AP50"], "final_loss": intervals[-1]["loss"], "wall_s": wall}
 
 
 def main(argv=None):

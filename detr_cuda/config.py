@@ -48,12 +48,13 @@ class ModelConfig:
 
 @dataclass
 class DNConfig:
+    """Denoising training (DN-DETR; detr_cuda/models/denoising.py). Needs model.query_type "anchor"."""
     enabled: bool = False
-    dn_groups: int = 5
-    label_noise_ratio: float = 0.2
-    box_noise_scale: float = 0.4
+    dn_groups: int = 5                    # noised copies of the batch's GT (used when max_dn_queries is 0)
+    label_noise_ratio: float = 0.2        # probability of replacing a DN label by a uniform random class
+    box_noise_scale: float = 0.4          # centre shift <= scale * size / 2, size x (1 +- scale); 2x for negatives
     contrastive: bool = False             # DINO contrastive denoising (positive + negative queries)
-    max_dn_queries: int = 0               # total DN query budget (contrastive); 0 = dn_groups full copies
+    max_dn_queries: int = 0               # > 0: total DN query budget, groups = max(1, budget // group size); 0 = dn_groups
 
 
 @dataclass

@@ -28,7 +28,7 @@ def test_short_coco128_training_writes_a_valid_eval_json(tmp_path):
     assert result.returncode == 0, explain(result)
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert metrics["num_images"] == 4
-    assert len(metrics["coco_eval_bbox"]) == 12 and 0.0 <= metrics["AP"] <= 1.0
+    assert len(metrics["coco_stats"]) == 12 and 0.0 <= metrics["metrics"]["AP"] <= 1.0
     assert {row["category_id"] for row in metrics["per_class"]} >= {1}  # COCO's own ids, not labels
     detections = json.loads((tmp_path / "run" / "detections.json").read_text())
     assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
@@ -40,5 +40,5 @@ def test_short_coco128_training_writes_a_valid_eval_json(tmp_path):
                      "--output-dir", str(tmp_path / "eval")], timeout=240)
     assert evaluated.returncode == 0, explain(evaluated)
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert again["coco_eval_bbox"] == metrics["coco_eval_bbox"]  # same weights, same numbers
+    assert again["coco_stats"] == metrics["coco_stats"]  # same weights, same numbers
     assert "Average Precision" in evaluated.stdout and "category" in evaluated.stdout

@@ -62,6 +62,7 @@ def main(argv=None):
         print(f"{prefix}config error: {error}", file=sys.stderr)
         return 2
 
+    from detr_cuda.data import DatasetValidationError
     from detr_cuda.engine.distributed import PeerLostError
     from detr_cuda.engine.train_loop import NonFiniteLossError
     from detr_cuda.engine.trainer import ResumeConfigMismatch, run_training
@@ -74,7 +75,7 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 1
-    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError) as error:
+    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError) as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 2
 

@@ -17,10 +17,10 @@ from .train_loop import autocast_context, move_to_device
 def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print):
     """COCO bbox metrics of ``model`` on ``loader`` (every rank calls it; every rank gets the result).
 
-    Returns the evaluator's metrics dict: "AP", "AP50", "AP75", "APs", "APm", "APl", "AR*",
-    "coco_eval_bbox" (the 12 stats), "per_class" (list of {category_id, name, num_gt, AP, AP50}),
-    "num_images", "num_detections", "summary". Rank 0 writes eval.json and detections.json
-    into ``output_dir``.
+    Returns the evaluator's result: "metrics" {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ...},
+    "coco_stats" (the 12 stats in pycocotools' order), "per_class" (list of {category_id, name, num_gt,
+    AP, AP50}), "num_images", "num_detections", "summary". Rank 0 writes eval.json and
+    detections.json into ``output_dir``.
     """
     started = time.time()
     model.eval()
@@ -32,16 +32,16 @@ def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log
             outputs = model(images, masks)
         original_sizes = torch.stack([t["orig_size"] for t in targets])
         evaluator.update([t["image_id"] for t in targets], postprocessor(outputs, original_sizes))
-    metrics = evaluator.evaluate(output_dir)
-    log(format_metrics(metrics))
-    log(f"evaluated {metrics['num_images']} images in {time.time() - started:.1f}s "
+    result = evaluator.evaluate(output_dir=output_dir)
+    log(format_metrics(result))
+    log(f"evaluated {result['num_images']} images in {time.time() - started:.1f}s "
         f"(top-{cfg.eval.num_select} detections per image, score >= {cfg.eval.score_threshold})")
-    return metrics
+    return result
 
 
 SCALAR_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
-def scalar_metrics(metrics):
-    """The headline numbers of a metrics dict, for log lines and TensorBoard."""
-    return {name: metrics[name] for name in SCALAR_METRICS if name in metrics}
+def scalar_metrics(result):
+    """The headline numbers of an evaluation result, for log lines and TensorBoard."""
+    return {name: result["metrics"][name] for name in SCALAR_METRICS if name in result["metrics"]}

@@ -294,9 +294,9 @@ class Trainer:
                 is_best = False
                 if self.val_loader is not None and reason != "stopped" and (due or finished_run):
                     metrics = self.run_evaluation()
-                    record["test_coco_eval_bbox"] = metrics["coco_eval_bbox"]
-                    if self.state.best_ap is None or metrics["AP"] > self.state.best_ap:
-                        self.state.best_ap, is_best = metrics["AP"], True
+                    record["test_coco_eval_bbox"] = metrics["coco_stats"]
+                    if self.state.best_ap is None or metrics["metrics"]["AP"] > self.state.best_ap:
+                        self.state.best_ap, is_best = metrics["metrics"]["AP"], True
                 if self.is_main:
                     self.logger.record("epoch", record)
                     self.logger.scalars("epoch", {k: v for k, v in record.items() if k.startswith("train_")},
