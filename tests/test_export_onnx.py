@@ -14,7 +14,8 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 HEIGHT, WIDTH = 64, 96
 
 
-VARIANTS = {"single_stage": [], "two_stage_refine": ["model.with_box_refine=true", "model.two_stage=true"]}
+VARIANTS = {"single_stage": [], "two_stage_refine": ["model.with_box_refine=true", "model.two_stage=true"],
+            "dn_anchor_refine": ["model.with_box_refine=true", "model.query_type=anchor", "dn.enabled=true"]}
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
