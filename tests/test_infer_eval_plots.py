@@ -2,14 +2,20 @@
 import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+
+from data_paths import REPO_ROOT
+from infer_utils import tiny_trained  # noqa: F401  (fixture)
 
 from detr_cuda.data.coco import coco_from_dict, load_instances_json
 from detr_cuda.data.coco_eval import evaluate_coco, write_eval_files
 from detr_cuda.data.synthetic import generate_synthetic_coco
+from detr_cuda.engine.checkpoint import load_file
 from detr_cuda.inference import eval_plots
 
 
@@ -88,3 +94,21 @@ def test_without_matplotlib_says_how_to_install(evaluated, monkeypatch, tmp_path
     assert eval_plots.write_eval_plots(str(out_dir / "eval.json"), out_dir=str(tmp_path), log=log) == []
     assert "pip install matplotlib" in log.getvalue()
     assert not os.listdir(tmp_path)
+
+
+def test_tools_eval_writes_plots_next_to_eval_json(tiny_trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    import eval as eval_tool
+
+    checkpoint, shapes = tiny_trained
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(load_file(checkpoint)["config"]))
+    out = tmp_path / "eval"
+    code = eval_tool.main(["--config", str(config), "--weights", checkpoint, "--output-dir", str(out),
+                           "data.dataset=coco", f"data.val_images={shapes['images']}",
+                           f"data.val_annotations={shapes['annotations']}", "data.num_workers=0", "train.device=cpu"])
+    assert code == 0
+    assert {"eval.json", "detections.json", eval_plots.AP_BARS_FILE, eval_plots.PR_CURVE_FILE} <= set(os.listdir(out))
+    for name in (eval_plots.AP_BARS_FILE, eval_plots.PR_CURVE_FILE):
+        _open_png(out / name)
