@@ -15,6 +15,7 @@ Unreadable files are reported by path and skipped.
 """
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,8 +44,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def split_overrides(inputs, overrides):
+    """--input takes several values, so trailing ``section.field=value`` overrides land in it;
+    move the ones that are not existing paths back to the overrides."""
+    pattern = re.compile(r"^[A-Za-z_]+\.[A-Za-z_.]+=")
+    moved = [item for item in inputs if pattern.match(item) and not os.path.exists(item)]
+    return [item for item in inputs if item not in moved], moved + list(overrides)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.input, args.overrides = split_overrides(args.input, args.overrides)
     from detr_cuda.inference import list_images, load_detector, run_inference
     try:
         paths = list_images(args.input)
