@@ -42,3 +42,25 @@ def test_short_coco128_training_writes_a_valid_eval_json(tmp_path):
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert again["coco_stats"] == metrics["coco_stats"]  # same weights, same numbers
     assert "Average Precision" in evaluated.stdout and "category" in evaluated.stdout
+
+
+def test_eval_accepts_an_official_style_91_class_checkpoint(tmp_path):
+    """A file laid out like the official release (91 logits indexed by COCO id, a pickled Namespace)."""
+    import argparse
+
+    import torch
+
+    from detr_cuda.config import load_config
+    from detr_cuda.models import build_model
+
+    config = load_config(BASE_CONFIG, [*TINY, "model.num_classes=91"])
+    model, _, _ = build_model(config, None)
+    torch.save({"model": model.state_dict(), "epoch": 49, "args": argparse.Namespace(lr=2e-4)},
+               tmp_path / "official_like.pth")
+    data = ["data.dataset=coco", *_subset(tmp_path), "data.val_short_side=96", "data.val_max_size=128"]
+    result = run([sys.executable, EVAL, "--config", BASE_CONFIG, *TINY, *data,
+                  "--weights", str(tmp_path / "official_like.pth"), "--output-dir", str(tmp_path / "eval")],
+                 timeout=240)
+    assert result.returncode == 0, explain(result)
+    assert "class heads mapped by category id onto this dataset's 80 classes" in result.stdout
+    assert (tmp_path / "eval" / "eval.json").exists()

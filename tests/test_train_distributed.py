@@ -21,6 +21,8 @@ def test_two_process_torchrun_trains_and_rank0_writes(tmp_path):
     intervals = read_log(output, "train_interval")
     assert [r["iteration"] for r in intervals] == [1, 2, 3]  # one line per step, written once (rank 0)
     assert "world size 2" in result.stdout
+    assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (output / "config.yaml").read_text().count("world_size") == 0  # the resolved config, not run state
     checkpoint = torch.load(output / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
 

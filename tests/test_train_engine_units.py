@@ -119,3 +119,20 @@ def test_ema_tracks_weights_and_loss_helpers():
                           {"a": 1.0, "b": 2.0}).item() == 8.0
     outputs = {"pred_logits": torch.zeros(1, 2), "aux_outputs": [{"pred_boxes": torch.tensor([float("nan")])}]}
     assert non_finite_outputs(outputs) == ["aux_outputs.0.pred_boxes"]
+
+
+def test_weights_fill_aliased_head_keys(tmp_path):
+    class Refine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bbox_embed = nn.ModuleList([nn.Linear(2, 4)])
+            self.transformer = nn.Module()
+            self.transformer.decoder = nn.Module()
+            self.transformer.decoder.bbox_embed = self.bbox_embed  # shared, as with box refinement
+
+    source = Refine()
+    torch.save({"model": {k: v for k, v in source.state_dict().items() if k.startswith("bbox_embed")}},
+               tmp_path / "heads_once.pth")
+    target = Refine()
+    report = load_weights(target, tmp_path / "heads_once.pth", log=lambda line: None)
+    assert report["missing"] == [] and torch.equal(target.bbox_embed[0].weight, source.bbox_embed[0].weight)

@@ -154,6 +154,8 @@ def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, scaler, e
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # The learning rates this step used (logged), before the schedule moves on.
+        interval.lrs = {f"lr_{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
         lr_scheduler.step()
         if ema is not None:
             ema.update(unwrapped_model)
@@ -194,7 +196,7 @@ def _log_interval(meter, state, batches_in_epoch, accumulate, optimizer, step_ti
     step_time = meter.sums.get("step_time", 0.0) / steps
     recent = step_times[-50:]
     eta = (sum(recent) / len(recent)) * max(0, total_steps - state.step) if recent else float("nan")
-    lrs = {f"lr_{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    lrs = meter.lrs
     memory = memory_megabytes(device)
     record = {"epoch": state.epoch, "iteration": state.step, "batch": state.batch,
               "batches_in_epoch": batches_in_epoch, **losses, **lrs, "grad_norm": grad_norm,

@@ -30,6 +30,21 @@ def extract_state_dict(checkpoint, prefer_ema=False):
     raise ValueError("unrecognised checkpoint layout: expected a dict with a 'model' state_dict or a state_dict")
 
 
+# With box refinement / two-stage the decoder holds the detector's head lists: both names are the same tensors,
+# and a file may carry only one of them.
+_ALIASES = (("transformer.decoder.bbox_embed.", "bbox_embed."), ("transformer.decoder.class_embed.", "class_embed."))
+
+
+def _fill_aliases(source, target_keys):
+    for key in target_keys:
+        if key in source:
+            continue
+        for first, second in _ALIASES:
+            for own, other in ((first, second), (second, first)):
+                if key.startswith(own) and other + key[len(own):] in source:
+                    source[key] = source[other + key[len(own):]]
+
+
 def _clean(state_dict):
     cleaned = {}
     for key, value in state_dict.items():
@@ -49,6 +64,7 @@ def load_weights(model, path, category_ids=None, prefer_ema=False, log=print):
     source, description = extract_state_dict(ckpt_io.load_file(path), prefer_ema)
     source = _clean(source)
     target = model.state_dict()
+    _fill_aliases(source, target)
     loaded, mapped, reinitialised, mismatched = [], [], [], []
     new_state = {}
     for key, value in source.items():
