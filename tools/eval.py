@@ -7,7 +7,9 @@
 --weights takes our checkpoints (EMA weights when the run kept them) or the
 official Deformable DETR files. Writes eval.json and detections_*.json (COCO
 results format, the dataset's own category ids) to --output-dir (default:
-train.output_dir).
+train.output_dir), and beside them per_class_ap.png and pr_curve.png (needs the
+optional matplotlib: pip install matplotlib; skipped with a message without it,
+or with --no-plots).
 """
 import argparse
 import os
@@ -24,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--weights", required=True, metavar="PATH", help="checkpoint to evaluate")
     parser.add_argument("--output-dir", "--output_dir", help="where eval.json goes (default: train.output_dir)")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
+    parser.add_argument("--no-plots", action="store_true", help="do not draw per_class_ap.png / pr_curve.png")
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser.parse_intermixed_args(argv)
@@ -43,7 +46,21 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.no_plots and int(os.environ.get("RANK", "0")) == 0:
+        write_plots(config, output_dir)
     return 0
+
+
+def write_plots(config, output_dir):
+    """Per-class AP bars and PR curves next to eval.json (rank 0, after the evaluation)."""
+    from detr_cuda.data.build import coco_paths, synthetic_paths
+    from detr_cuda.inference.eval_plots import write_eval_plots
+    if config.data.dataset == "synthetic":
+        annotations = synthetic_paths(config.data, "val")[1]
+    else:
+        annotations = coco_paths(config.data, "val")[1]
+    for path in write_eval_plots(os.path.join(output_dir, "eval.json"), coco_gt=annotations):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
