@@ -16,10 +16,11 @@ TORCH_NVCC_FLAGS = -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -
 DEMO_SETUP ?= install
 DEMO_OUT ?= outputs/demo
 
-.PHONY: help install build test test-cuda-compile bench lint demo clean
+.PHONY: help install install-extras installed build test test-cuda-compile bench lint demo clean
 
 help:
 	@echo "make install            install dependencies (pinned torch) and build the extension"
+	@echo "make install-extras     optional matplotlib (eval plots), onnx + onnxruntime (export check)"
 	@echo "make test               run the test suite (CUDA tests skip without a GPU)"
 	@echo "make test-cuda-compile  compile every csrc/cuda/*.cu with nvcc for sm_$(firstword $(CUDA_ARCHS))..sm_$(lastword $(CUDA_ARCHS))"
 	@echo "make demo               generate the built-in dataset, train the small config, evaluate"
@@ -31,10 +32,19 @@ install:
 	$(PIP) install -r requirements.txt
 	$(PIP) install -e . --no-build-isolation
 
+# Optional: plots after evaluation (matplotlib) and the ONNX export check (onnx, onnxruntime).
+# None of them depends on torch. CI installs them so their tests run there.
+install-extras:
+	$(PIP) install -r requirements-extras.txt
+
+# `make test` on a fresh checkout installs first; after `make install` it goes straight to pytest.
+installed:
+	@$(PYTHON) -c "import detr_cuda._C, scipy, pycocotools, yaml, tensorboard" 2>/dev/null || $(MAKE) install
+
 build:
 	$(PYTHON) setup.py build_ext --inplace
 
-test:
+test: installed
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
 # The .cu files include no torch headers, so they compile with nvcc alone even
@@ -63,10 +73,9 @@ test-cuda-compile:
 # Generates the built-in dataset (data_generated/synthetic), trains configs/demo.yaml from
 # scratch on whatever device is there, then evaluates the final weights on the held-out
 # generated images and prints the COCO table. A fresh output folder every time.
+# The generated dataset is written on first use (data.synthetic_* fields of the config).
 demo: $(DEMO_SETUP)
 	rm -rf $(DEMO_OUT)
-	$(PYTHON) -m detr_cuda.data.synthetic --out data_generated/synthetic/train --num-images 512 --image-size 128 --seed 0
-	$(PYTHON) -m detr_cuda.data.synthetic --out data_generated/synthetic/val --num-images 64 --image-size 128 --seed 1
 	$(PYTHON) tools/train.py --config configs/demo.yaml train.output_dir=$(DEMO_OUT) train.eval_every=-1
 	$(PYTHON) tools/eval.py --config configs/demo.yaml --weights $(DEMO_OUT)/checkpoint_last.pth --output-dir $(DEMO_OUT)/eval
 
