@@ -98,7 +98,8 @@ def train_and_evaluate(cfg, variant_overrides, train_set, val_set, steps, device
         epoch += 1
     train_seconds = time.time() - started
     val_loader = build_dataloader(val_set, cfg.eval.batch_size, train=False)
-    metrics = evaluate(model, postprocessor, val_loader, val_set, device, cfg, output_dir, log=lambda *a: None)
+    metrics = evaluate(model, postprocessor, val_loader, val_set, device, cfg, output_dir,
+                       log=lambda *a: None)["metrics"]
     tail = losses[-20:]
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"],
             "matching_loss": sum(tail) / len(tail), "seconds": train_seconds}
