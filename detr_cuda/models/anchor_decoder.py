@@ -21,7 +21,7 @@ from torch import nn
 
 from ..util.box_ops import inverse_sigmoid
 from .deformable_detr import MLP
-from .deformable_transformer import DeformableTransformer
+from .deformable_transformer import DeformableTransformer, build_deformable_transformer
 
 # DN-DETR uses eps 1e-3 for inverse_sigmoid (Deformable DETR 1e-5); kept so
 # its checkpoints reproduce.
@@ -176,11 +176,4 @@ class AnchorDeformableTransformer(DeformableTransformer):
 
 
 def build_anchor_transformer(cfg):
-    model_cfg = cfg.model
-    return AnchorDeformableTransformer(
-        d_model=model_cfg.hidden_dim, nhead=model_cfg.nheads, num_encoder_layers=model_cfg.enc_layers,
-        num_decoder_layers=model_cfg.dec_layers, dim_feedforward=model_cfg.dim_feedforward,
-        dropout=model_cfg.dropout, num_feature_levels=model_cfg.num_feature_levels,
-        dec_n_points=model_cfg.dec_n_points, enc_n_points=model_cfg.enc_n_points,
-        two_stage=model_cfg.two_stage, two_stage_num_proposals=model_cfg.num_queries,
-        msda_backend=model_cfg.msda_backend)
+    return build_deformable_transformer(cfg, AnchorDeformableTransformer)

@@ -370,9 +370,11 @@ class DeformableTransformer(nn.Module):
         return hs, reference_points, inter_references, enc_outputs_class, enc_outputs_coord_unact
 
 
-def build_deformable_transformer(cfg):
+def build_deformable_transformer(cfg, transformer_class=None):
+    """``transformer_class`` (default DeformableTransformer) built from cfg.model; the anchor-query
+    variant passes its subclass."""
     model_cfg = cfg.model
-    return DeformableTransformer(
+    return (transformer_class or DeformableTransformer)(
         d_model=model_cfg.hidden_dim, nhead=model_cfg.nheads, num_encoder_layers=model_cfg.enc_layers,
         num_decoder_layers=model_cfg.dec_layers, dim_feedforward=model_cfg.dim_feedforward,
         dropout=model_cfg.dropout, num_feature_levels=model_cfg.num_feature_levels,
