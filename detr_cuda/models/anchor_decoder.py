@@ -133,18 +133,7 @@ class AnchorDeformableTransformer(DeformableTransformer):
             if query_anchors is None:
                 raise ValueError("single-stage anchor queries need query_anchors (num_queries, 4) logits")
             return tgt, query_anchors.sigmoid().unsqueeze(0).expand(batch, -1, -1), None, None
-        output_memory, output_proposals = self.gen_encoder_output_proposals(
-            memory, encoded["mask"], encoded["spatial_shapes"])
-        head_index = self.decoder.num_layers
-        enc_outputs_class = self.decoder.class_embed[head_index](output_memory)
-        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory) + output_proposals
-        topk = self.two_stage_num_proposals
-        if topk > memory.shape[1]:
-            raise ValueError(f"two-stage selects {topk} proposals (model.num_queries) but the encoder has only "
-                             f"{memory.shape[1]} tokens; use larger images or fewer queries")
-        topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
-        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1,
-                                         topk_proposals.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact = self.top_proposals(encoded)
         return tgt, topk_coords_unact.sigmoid(), enc_outputs_class, enc_outputs_coord_unact
 
     def forward(self, srcs, masks, pos_embeds, query_content, query_anchors=None, prefix_queries=None,

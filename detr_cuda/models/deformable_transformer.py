@@ -304,6 +304,28 @@ class DeformableTransformer(nn.Module):
                                         inputs["valid_ratios"], inputs["pos"], inputs["mask"])
         return inputs
 
+    def top_proposals(self, encoded):
+        """Two-stage: score every encoder token as a proposal and keep the top-k.
+
+        Returns enc_outputs_class (B, S, K), enc_outputs_coord_unact (B, S, 4) box logits
+        (float32), and the top-k box logits (B, k, 4), detached, ranked by the first class
+        logit (the encoder head is trained class-agnostically).
+        """
+        memory = encoded["memory"]
+        output_memory, output_proposals = self.gen_encoder_output_proposals(
+            memory, encoded["mask"], encoded["spatial_shapes"])
+        head_index = self.decoder.num_layers
+        enc_outputs_class = self.decoder.class_embed[head_index](output_memory)
+        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory).float() + output_proposals
+        topk = self.two_stage_num_proposals
+        if topk > memory.shape[1]:
+            raise ValueError(f"two-stage selects {topk} proposals (model.num_queries) but the encoder has only "
+                             f"{memory.shape[1]} tokens; use larger images or fewer queries")
+        topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
+        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1,
+                                         topk_proposals.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        return enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact
+
     def select_initial_queries(self, encoded, query_embed=None):
         """Matching queries: (tgt (B, Q, C), query_pos (B, Q, C), reference_points (B, Q, 2|4),
         enc_outputs_class, enc_outputs_coord_unact).
@@ -323,18 +345,7 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             # References stay float32 under autocast: they are coordinates, not features.
             return tgt, query_pos, self.reference_points(query_pos).float().sigmoid(), None, None
-        output_memory, output_proposals = self.gen_encoder_output_proposals(
-            memory, encoded["mask"], encoded["spatial_shapes"])
-        head_index = self.decoder.num_layers
-        enc_outputs_class = self.decoder.class_embed[head_index](output_memory)
-        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory).float() + output_proposals
-        topk = self.two_stage_num_proposals
-        if topk > memory.shape[1]:
-            raise ValueError(f"two-stage selects {topk} proposals (model.num_queries) but the encoder has only "
-                             f"{memory.shape[1]} tokens; use larger images or fewer queries")
-        topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
-        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1,
-                                         topk_proposals.unsqueeze(-1).repeat(1, 1, 4)).detach()
+        enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact = self.top_proposals(encoded)
         reference_points = topk_coords_unact.sigmoid()
         pos_trans_out = self.pos_trans_norm(self.pos_trans(
             proposal_position_embedding(topk_coords_unact, self.d_model // 2)))
