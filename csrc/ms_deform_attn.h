@@ -26,6 +26,26 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 // The accumulation dtype that sampling locations / attention weights must have.
 at::ScalarType ms_deform_attn_acc_type(at::ScalarType value_type);
 
+// The gradient buffers of one backward call, the same for every backend:
+// grad_value accumulates in the accumulation dtype and starts at zero (each
+// sampled corner adds into it); the location and weight grads have one writer
+// per element, so they start uninitialised unless there is nothing to compute.
+struct BackwardBuffers {
+  at::Tensor grad_value_acc;
+  at::Tensor grad_locations;
+  at::Tensor grad_attention;
+  bool has_work;  // false: empty batch, queries or values; the grads are zeros
+
+  // (grad_value in value's dtype, grad_locations, grad_attention).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(at::ScalarType value_type) const;
+};
+
+// Checks grad_output against the output shape, dtype and device of the call
+// and allocates the buffers (on the current device: take the guard first).
+BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
+                                              const at::Tensor& sampling_locations,
+                                              const at::Tensor& attention_weights, const MsdaSizes& sz);
+
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights);

@@ -80,6 +80,29 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
   return sz;
 }
 
+BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
+                                              const at::Tensor& sampling_locations,
+                                              const at::Tensor& attention_weights, const MsdaSizes& sz) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
+              "ms_deform_attn backward: grad_output ", grad_output.sizes(), " does not match the output shape");
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device() &&
+                  grad_output.is_contiguous(),
+              "ms_deform_attn backward: grad_output must be a contiguous ", value.scalar_type(), " tensor on ",
+              value.device());
+  BackwardBuffers buffers;
+  buffers.has_work = grad_output.numel() > 0 && value.numel() > 0;
+  buffers.grad_value_acc = at::zeros(value.sizes(), value.options().dtype(ms_deform_attn_acc_type(value.scalar_type())));
+  buffers.grad_locations =
+      buffers.has_work ? at::empty_like(sampling_locations) : at::zeros_like(sampling_locations);
+  buffers.grad_attention = buffers.has_work ? at::empty_like(attention_weights) : at::zeros_like(attention_weights);
+  return buffers;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> BackwardBuffers::finish(at::ScalarType value_type) const {
+  at::Tensor grad_value = grad_value_acc.scalar_type() == value_type ? grad_value_acc : grad_value_acc.to(value_type);
+  return {grad_value, grad_locations, grad_attention};
+}
+
 }  // namespace detr_cuda
 
 TORCH_LIBRARY(detr_cuda, m) {

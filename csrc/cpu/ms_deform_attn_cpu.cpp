@@ -153,34 +153,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const MsdaSizes sz =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
-              "ms_deform_attn backward: grad_output ", grad_output.sizes(), " does not match the output shape");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device() &&
-                  grad_output.is_contiguous(),
-              "ms_deform_attn backward: grad_output must be a contiguous ", value.scalar_type(), " tensor on ",
-              value.device());
-  const auto acc_type = ms_deform_attn_acc_type(value.scalar_type());
-  // Sums over queries go to an accumulation-type buffer; for float32/float64
-  // value that buffer is grad_value itself.
-  at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  at::Tensor grad_locations = at::empty_like(sampling_locations);
-  at::Tensor grad_attention = at::empty_like(attention_weights);
-  if (grad_output.numel() > 0 && value.numel() > 0) {
+  const BackwardBuffers buffers = start_ms_deform_attn_backward(grad_output, value, sampling_locations,
+                                                                attention_weights, sz);
+  if (buffers.has_work) {
     const auto levels = read_levels(spatial_shapes, level_start_index);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       backward_kernel<scalar_t, acc_t>(grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), levels,
                                        sampling_locations.data_ptr<acc_t>(), attention_weights.data_ptr<acc_t>(),
-                                       grad_value_acc.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
-                                       grad_attention.data_ptr<acc_t>(), sz);
+                                       buffers.grad_value_acc.data_ptr<acc_t>(),
+                                       buffers.grad_locations.data_ptr<acc_t>(),
+                                       buffers.grad_attention.data_ptr<acc_t>(), sz);
     });
-  } else {
-    grad_locations.zero_();
-    grad_attention.zero_();
   }
-  at::Tensor grad_value = grad_value_acc.scalar_type() == value.scalar_type() ? grad_value_acc
-                                                                               : grad_value_acc.to(value.scalar_type());
-  return {grad_value, grad_locations, grad_attention};
+  return buffers.finish(value.scalar_type());
 }
 
 }  // namespace detr_cuda

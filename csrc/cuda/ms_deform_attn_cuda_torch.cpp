@@ -53,33 +53,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const MsdaSizes sz =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
-              "ms_deform_attn backward: grad_output ", grad_output.sizes(), " does not match the output shape");
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device() &&
-                  grad_output.is_contiguous(),
-              "ms_deform_attn backward: grad_output must be a contiguous ", value.scalar_type(), " tensor on ",
-              value.device());
   const c10::cuda::CUDAGuard device_guard(value.device());
-  const auto acc_type = ms_deform_attn_acc_type(value.scalar_type());
-  // Atomics need a zeroed accumulation-type buffer; the other two grads have
-  // one writer per element and start uninitialised.
-  at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  at::Tensor grad_locations = at::empty_like(sampling_locations);
-  at::Tensor grad_attention = at::empty_like(attention_weights);
-  if (grad_output.numel() > 0 && value.numel() > 0) {
+  const BackwardBuffers buffers = start_ms_deform_attn_backward(grad_output, value, sampling_locations,
+                                                                attention_weights, sz);
+  if (buffers.has_work) {
     check_launch(ms_deform_attn_backward_cuda_launch(
                      cuda_value_type(value.scalar_type()), sz, grad_output.data_ptr(), value.data_ptr(),
                      spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
-                     sampling_locations.data_ptr(), attention_weights.data_ptr(), grad_value_acc.data_ptr(),
-                     grad_locations.data_ptr(), grad_attention.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                     sampling_locations.data_ptr(), attention_weights.data_ptr(),
+                     buffers.grad_value_acc.data_ptr(), buffers.grad_locations.data_ptr(),
+                     buffers.grad_attention.data_ptr(), at::cuda::getCurrentCUDAStream()),
                  "backward");
-  } else {
-    grad_locations.zero_();
-    grad_attention.zero_();
   }
-  at::Tensor grad_value = grad_value_acc.scalar_type() == value.scalar_type() ? grad_value_acc
-                                                                               : grad_value_acc.to(value.scalar_type());
-  return {grad_value, grad_locations, grad_attention};
+  return buffers.finish(value.scalar_type());
 }
 
 }  // namespace detr_cuda
