@@ -32,6 +32,16 @@
 namespace detr_cuda {
 namespace {
 
+// Every launch goes through MSDA_LAUNCH and every dynamic shared-memory array
+// through MSDA_DYNAMIC_SHARED, so that tests/cuda_emulation can compile this
+// file as plain C++ and run the kernels on the CPU (it defines both first).
+#ifndef MSDA_LAUNCH
+#define MSDA_LAUNCH(kernel, blocks, threads, shared_bytes, stream) kernel<<<blocks, threads, shared_bytes, stream>>>
+#endif
+#ifndef MSDA_DYNAMIC_SHARED
+#define MSDA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
@@ -248,7 +258,8 @@ cudaError_t forward_typed(const MsdaSizes& sz, const void* value, const int64_t*
     constexpr int VEC = decltype(vec_constant)::value;
     const LaunchShape shape = launch_shape(sz, VEC);
     if (shape.total_threads == 0) return cudaSuccess;
-    forward_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream>>>(
+    const auto kernel = forward_kernel<scalar_t, acc_t, VEC>;
+    MSDA_LAUNCH(kernel, static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream)(
         static_cast<const scalar_t*>(value), spatial_shapes, level_start_index,
         static_cast<const acc_t*>(locations), static_cast<const acc_t*>(attention), static_cast<scalar_t*>(output),
         sz, shape.lanes_log2, shape.total_threads);
@@ -266,7 +277,8 @@ cudaError_t backward_typed(const MsdaSizes& sz, const void* grad_output, const v
     constexpr int VEC = decltype(vec_constant)::value;
     const LaunchShape shape = launch_shape(sz, VEC);
     if (shape.total_threads == 0) return cudaSuccess;
-    backward_kernel<scalar_t, acc_t, VEC><<<static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream>>>(
+    const auto kernel = backward_kernel<scalar_t, acc_t, VEC>;
+    MSDA_LAUNCH(kernel, static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream)(
         static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value), spatial_shapes,
         level_start_index, static_cast<const acc_t*>(locations), static_cast<const acc_t*>(attention),
         static_cast<acc_t*>(grad_value), static_cast<acc_t*>(grad_locations), static_cast<acc_t*>(grad_attention),
