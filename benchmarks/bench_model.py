@@ -1,8 +1,9 @@
-"""Forward+backward time per image and peak memory of the full Deformable DETR model,
-for every available MSDeformAttn backend, side by side.
+"""Forward+backward time per image, images/s and peak memory of the full Deformable DETR
+model, for every available MSDeformAttn backend and precision, side by side.
 
-    python benchmarks/bench_model.py                 # GPU if present: R50, 800x1333-like batch
-    python benchmarks/bench_model.py --device cpu    # small config on the CPU
+    python benchmarks/bench_model.py                 # GPU if present: R50, 800x1333-like batch,
+                                                     # float32 and bfloat16 autocast
+    python benchmarks/bench_model.py --device cpu    # small config on the CPU, float32
 
 Each backend runs in its own subprocess. Peak memory covers the timed steps
 only: on CUDA torch.cuda.max_memory_allocated after a reset, on the CPU the
@@ -25,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from detr_cuda.config import load_config  # noqa: E402
+from detr_cuda.engine.train_loop import autocast_context, weighted_total  # noqa: E402
 from detr_cuda.models import build_model, set_msda_backend  # noqa: E402
 from detr_cuda.ops.functional import available_backends  # noqa: E402
 
@@ -78,8 +80,9 @@ def cpu_peak_mib():
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def measure(backend, device, variant, iterations, warmup, threads):
-    """Runs one backend in this process; returns a result row."""
+def measure(backend, device, variant, iterations, warmup, threads, amp="none"):
+    """Runs one backend at one precision (``amp`` as train.amp: none, bf16, fp16) in this
+    process; returns a result row."""
     if threads:
         torch.set_num_threads(threads)
     preset = PRESETS[device]
@@ -92,8 +95,9 @@ def measure(backend, device, variant, iterations, warmup, threads):
 
     def step():
         model.zero_grad(set_to_none=True)
-        losses = criterion(model(images, mask), targets)
-        sum(losses[k] * criterion.weight_dict[k] for k in criterion.weight_dict if k in losses).backward()
+        with autocast_context(torch.device(device), amp):
+            losses = criterion(model(images, mask), targets)
+        weighted_total(losses, criterion.weight_dict).backward()
 
     def sync():
         if device == "cuda":
@@ -118,8 +122,9 @@ def measure(backend, device, variant, iterations, warmup, threads):
         peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak_mib = cpu_peak_mib() if cpu_peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"backend": backend, "device": device, "variant": variant, "batch": len(preset["sizes"]),
+    return {"backend": backend, "amp": amp, "device": device, "variant": variant, "batch": len(preset["sizes"]),
             "sizes": preset["sizes"], "ms_per_image": 1000 * median / len(preset["sizes"]),
+            "images_per_s": len(preset["sizes"]) / median,
             "min_ms_per_image": 1000 * times[0] / len(preset["sizes"]), "peak_mib": peak_mib,
             "iterations": iterations, "threads": torch.get_num_threads()}
 
@@ -132,6 +137,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=None, help="timed steps (default 10 cuda, 3 cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cuda, 1 cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--amp", nargs="+", choices=["none", "bf16", "fp16"], default=None,
+                        help="precisions: none (float32) and/or autocast (default: none bf16 on cuda, none on cpu)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = parser.parse_args()
@@ -139,20 +146,23 @@ def main():
         parser.error("--device cuda but torch sees no GPU")
     iterations = args.iterations or (10 if args.device == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
+    precisions = args.amp or (["none", "bf16"] if args.device == "cuda" else ["none"])
     if args.single:
-        print(json.dumps(measure(args.single, args.device, args.variant, iterations, warmup, args.threads)))
+        print(json.dumps(measure(args.single, args.device, args.variant, iterations, warmup, args.threads,
+                                 precisions[0])))
         return
     backends = args.backends or available_backends(args.device)
     rows = []
-    for backend in backends:
-        command = [sys.executable, os.path.abspath(__file__), "--single", backend, "--device", args.device,
-                   "--variant", args.variant, "--iterations", str(iterations), "--warmup", str(warmup),
-                   "--threads", str(args.threads)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            print(f"{backend}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    for amp in precisions:
+        for backend in backends:
+            command = [sys.executable, os.path.abspath(__file__), "--single", backend, "--device", args.device,
+                       "--variant", args.variant, "--iterations", str(iterations), "--warmup", str(warmup),
+                       "--threads", str(args.threads), "--amp", amp]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"{backend} amp={amp}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     if not rows:
         sys.exit("no backend ran")
     preset = PRESETS[args.device]
@@ -160,13 +170,15 @@ def main():
     print(f"model fwd+bwd, {args.variant}, device {args.device} ({name}), batch {len(preset['sizes'])} of "
           f"{preset['sizes']}, config overrides {preset['overrides'] or 'none (published R50)'}, "
           f"{iterations} timed steps, torch {torch.__version__}, threads {rows[0]['threads']}")
-    reference = next((r for r in rows if r["backend"] == "reference"), None)
-    print(f"{'backend':<10} {'ms/image (median)':>18} {'ms/image (min)':>15} {'peak MiB':>10} "
-          f"{'speed vs reference':>19}")
+    print(f"{'backend':<10} {'amp':<5} {'ms/image (median)':>18} {'ms/image (min)':>15} {'images/s':>9} "
+          f"{'peak MiB':>10} {'speed vs reference':>19} {'memory vs reference':>20}")
     for row in rows:
-        ratio = f"{reference['ms_per_image'] / row['ms_per_image']:.2f}x" if reference else "-"
-        print(f"{row['backend']:<10} {row['ms_per_image']:>18.1f} {row['min_ms_per_image']:>15.1f} "
-              f"{row['peak_mib']:>10.0f} {ratio:>19}")
+        # Ratios against the reference backend at the same precision.
+        reference = next((r for r in rows if r["backend"] == "reference" and r["amp"] == row["amp"]), None)
+        speed = f"{reference['ms_per_image'] / row['ms_per_image']:.2f}x" if reference else "-"
+        memory = f"{row['peak_mib'] / reference['peak_mib']:.2f}x" if reference else "-"
+        print(f"{row['backend']:<10} {row['amp']:<5} {row['ms_per_image']:>18.1f} {row['min_ms_per_image']:>15.1f} "
+              f"{row['images_per_s']:>9.2f} {row['peak_mib']:>10.0f} {speed:>19} {memory:>20}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)
