@@ -8,18 +8,15 @@ stay bitwise unchanged; the margins of outputs hold a sentinel that must
 survive, and outputs start as NaN (every element must be written) except
 grad_value, which starts zeroed as the launcher requires.
 """
-import math
-
 import pytest
 import torch
 
-from cuda_emulation import EmulatedLaunchError, EmulatorUnavailable, load_emulator
+from cuda_emulation import EmulatedLaunchError, EmulatorUnavailable, Guarded, load_emulator
 from detr_cuda.ops.reference import ms_deform_attn_reference
 from msda_testing import FOUR_LEVELS, ONE_LEVEL, TOLERANCES, fresh_generator, level_geometry, make_inputs, \
     max_abs_error_ratio
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-MARGIN = 64  # elements of guard on each side of every buffer (keeps 16-byte alignment)
 SENTINEL = -1234.5
 
 
@@ -36,36 +33,6 @@ def emu():
 def acc_dtype(dtype):
     """Locations, attention and every gradient but grad_value's final cast: float64 for float64 value."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class Guarded:
-    """A tensor placed ``shift`` elements past the start of a buffer's guarded interior.
-
-    The margins hold ``fill``; the interior is a copy of ``init`` (or ``interior``).
-    """
-
-    def __init__(self, shape, dtype, fill, init=None, interior=None, shift=0):
-        numel = math.prod(shape)
-        self.start, self.end = MARGIN + shift, MARGIN + shift + numel
-        self.buffer = torch.full((numel + 2 * MARGIN + shift,), fill, dtype=dtype)
-        self.tensor = self.buffer[self.start:self.end].view(shape)
-        if init is not None:
-            self.tensor.copy_(init)
-        elif interior is not None:
-            self.tensor.fill_(interior)
-        self.before = self.buffer.clone()
-
-    def _bytes(self, tensor):
-        return tensor.view(torch.uint8)
-
-    def margins_unchanged(self):
-        now, before = self._bytes(self.buffer), self._bytes(self.before)
-        size = self.buffer.element_size()
-        head, tail = self.start * size, self.end * size
-        return torch.equal(now[:head], before[:head]) and torch.equal(now[tail:], before[tail:])
-
-    def unchanged(self):
-        return torch.equal(self._bytes(self.buffer), self._bytes(self.before))
 
 
 def guarded_input(tensor, shift=0):
@@ -259,3 +226,170 @@ def test_unknown_value_type_is_an_error(emu):
         emu.check(code)
     assert error.value.name == "cudaErrorInvalidValue"
     assert emu.take_launch_log() == []
+
+
+# ----------------------------------------------------------------------------
+# The emulator itself: correct kernels give known answers, and every kind of
+# undefined behaviour it claims to catch is caught (tests/cuda_emulation/
+# msda_emu_selftest.cpp). A checker that cannot fail would prove nothing.
+
+@pytest.fixture(scope="module")
+def selftest():
+    import os
+
+    from cuda_emulation import HERE, load_library
+    try:
+        library = load_library("msda_emu_selftest", os.path.join(HERE, "msda_emu_selftest.cpp"))
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    return library
+
+
+def ptr(tensor):
+    import ctypes
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def expect_error(library, code, name, *fragments):
+    with pytest.raises(EmulatedLaunchError) as error:
+        library.check(code)
+    assert error.value.name == name, str(error.value)
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+    return str(error.value)
+
+
+def test_emulated_warp_and_block_semantics(selftest):
+    x, y, z = 8, 4, 2
+    n = x * y * z
+    out = torch.full((n, 8), float("nan"))
+    counter = torch.zeros(1, dtype=torch.int32)
+    selftest.check(selftest.lib.msda_emu_selftest_semantics(ptr(out), ptr(counter), x, y, z))
+    t = torch.arange(n)
+    lane = t % 32
+    assert torch.equal(out[:, 0], torch.full((n,), 496.0))
+    assert torch.equal(out[:, 1], torch.full((n,), 3.0))
+    assert torch.equal(out[:, 2], torch.where(lane % 8 == 7, lane, lane + 1).float())
+    assert torch.equal(out[:, 3], torch.where(lane % 16 < 2, lane, lane - 2).float())
+    assert torch.equal(out[:, 4], torch.ones(n)) and torch.equal(out[:, 5], torch.ones(n))
+    assert counter.item() == n
+    assert torch.equal(out[:, 6], ((t + 1) % n).float())
+    assert torch.equal(out[:, 7], (t % x + 100 * (t // x % y) + 10000 * (t // (x * y))).float())
+
+
+def test_emulated_partial_last_warp(selftest):
+    out = torch.zeros(40, dtype=torch.float64)
+    selftest.check(selftest.lib.msda_emu_selftest_partial_warp(ptr(out)))
+    assert torch.equal(out, torch.full((40,), 8.0))
+    # A whole-warp sum there would read lanes 8..31 of warp 1, which do not exist.
+    expect_error(selftest, selftest.lib.msda_emu_selftest_partial_warp_full_sum(ptr(out)), "cudaErrorLaunchFailure",
+                 "partial_warp_full_sum_kernel", "which is past the end of the block", "warp 1")
+
+
+def test_emulated_dynamic_shared_memory_is_poisoned(selftest):
+    out = torch.zeros(64)
+    selftest.check(selftest.lib.msda_emu_selftest_unwritten_shared(ptr(out), 64))
+    assert torch.isnan(out).all()
+
+
+def test_emulated_missing_barrier_is_exposed(selftest):
+    out = torch.zeros(256)
+    selftest.check(selftest.lib.msda_emu_selftest_missing_barrier(ptr(out), 256))
+    # Threads run in a shuffled order: some read their neighbour's slot before it was written.
+    assert torch.isnan(out).any() and (out == 1).any()
+
+
+def test_emulated_blocks_run_in_shuffled_order(selftest):
+    out = torch.full((64,), -1, dtype=torch.int32)
+    counter = torch.zeros(1, dtype=torch.int32)
+    selftest.check(selftest.lib.msda_emu_selftest_block_order(ptr(out), ptr(counter), 64))
+    assert sorted(out.tolist()) == list(range(64)) and out.tolist() != list(range(64))
+
+
+def test_emulator_catches_divergent_shuffles(selftest):
+    out = torch.zeros(128)
+    message = expect_error(selftest, selftest.lib.msda_emu_selftest_divergent_shuffle(ptr(out)),
+                           "cudaErrorLaunchFailure", "divergent_shuffle_kernel", "deadlock", "__shfl_xor_sync",
+                           "__shfl_down_sync")
+    print(message)
+
+
+def test_emulator_catches_a_lane_exited_before_a_full_mask_shuffle(selftest):
+    out = torch.zeros(64)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_exited_lane_shuffle(ptr(out)), "cudaErrorLaunchFailure",
+                 "exited_lane_shuffle_kernel", "lanes 5 exited")
+
+
+def test_emulator_catches_a_syncthreads_without_partners(selftest):
+    out = torch.zeros(64)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_lonely_syncthreads(ptr(out)), "cudaErrorLaunchFailure",
+                 "different __syncthreads calls", "call site", "threads 1-63")
+
+
+def test_emulator_catches_syncthreads_against_a_shuffle(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_syncthreads_vs_shuffle(ptr(out)),
+                 "cudaErrorLaunchFailure", "deadlock", "lanes 0-15 wait at __syncthreads",
+                 "lanes 16-31 wait at __shfl_xor_sync")
+
+
+def test_emulator_catches_a_shuffle_from_outside_its_mask(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_shuffle_outside_mask(ptr(out)), "cudaErrorLaunchFailure",
+                 "reads lane 20, which is not in the mask")
+
+
+def test_emulator_enforces_dynamic_shared_memory_limits(selftest):
+    out = torch.zeros(32)
+    run = selftest.lib.msda_emu_selftest_shared_size
+    selftest.check(run(ptr(out), 48 * 1024, 0))  # the default limit
+    expect_error(selftest, run(ptr(out), 64 * 1024, 0), "cudaErrorInvalidValue", "65536 bytes", "shared_kernel",
+                 "cudaFuncSetAttribute")
+    selftest.check(run(ptr(out), 64 * 1024, 64 * 1024))  # raised for this kernel
+    expect_error(selftest, run(ptr(out), 100 * 1024, 64 * 1024), "cudaErrorInvalidValue")
+    expect_error(selftest, run(ptr(out), 228 * 1024, 228 * 1024), "cudaErrorInvalidValue", "opt-in maximum")
+    selftest.set_device(max_shared_optin_bytes=99 * 1024)  # an A100-like opt-in limit
+    try:
+        expect_error(selftest, run(ptr(out), 100 * 1024, 100 * 1024), "cudaErrorInvalidValue")
+    finally:
+        selftest.set_device()
+    selftest.check(run(ptr(out), 100 * 1024, 100 * 1024))
+
+
+def test_emulator_catches_a_shared_memory_overrun(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_shared_overrun(ptr(out)), "cudaErrorIllegalAddress",
+                 "past the end of the dynamic shared memory")
+
+
+@pytest.mark.parametrize("block, ok", [((1024, 1, 1), True), ((1025, 1, 1), False), ((32, 32, 1), True),
+                                       ((16, 16, 8), False), ((1, 1, 65), False), ((0, 1, 1), False)])
+def test_emulator_checks_block_sizes(selftest, block, ok):
+    out = torch.zeros(1)
+    code = selftest.lib.msda_emu_selftest_block_size(ptr(out), *block)
+    if ok:
+        selftest.check(code)
+    else:
+        expect_error(selftest, code, "cudaErrorInvalidConfiguration", "invalid block size")
+
+
+def test_emulator_catches_a_misaligned_vector_load(selftest):
+    data = torch.zeros(64)
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_misaligned_vector(ptr(data), ptr(out)),
+                 "cudaErrorMisalignedAddress", "misaligned_vector_kernel", "16-byte aligned")
+
+
+def test_emulator_survives_an_illegal_address(selftest):
+    import ctypes
+    out = torch.zeros(32)
+    code = selftest.lib.msda_emu_selftest_illegal_address(ctypes.c_void_p(16), ptr(out))
+    expect_error(selftest, code, "cudaErrorIllegalAddress", "illegal memory access", "illegal_address_kernel")
+    # The next launch works again once the (sticky) fault was reset.
+    selftest.check(selftest.lib.msda_emu_selftest_partial_warp(ptr(torch.zeros(40, dtype=torch.float64))))
+
+
+def test_emulator_survives_a_thread_stack_overflow(selftest):
+    out = torch.zeros(2)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_stack_overflow(ptr(out)), "cudaErrorIllegalAddress",
+                 "stack overflow")

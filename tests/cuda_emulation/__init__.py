@@ -13,6 +13,8 @@ are missing: the tests skip with its message.
 import ctypes
 import glob
 import hashlib
+import math
+import mmap
 import os
 import shutil
 import subprocess
@@ -27,8 +29,11 @@ CSRC = os.path.abspath(os.environ.get("MSDA_EMU_CSRC", os.path.join(REPO, "csrc"
 BUILD_ROOT = os.path.join(REPO, "build", "cuda_emulation")
 
 # -fsanitize=alignment turns a misaligned typed access into a launch error
-# (msda_emu.h provides the sanitizer's handler; no libubsan is linked).
+# (msda_emu.h provides the sanitizer's handler; no libubsan is linked);
+# -fstack-clash-protection makes a too-large stack frame touch the guard page
+# below a thread's stack instead of jumping past it.
 CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fsanitize=alignment",
+             "-fstack-clash-protection",
              "-Wall", "-Wno-unknown-pragmas", "-Wl,--no-undefined"]
 
 # detr_cuda::ValueType
@@ -149,6 +154,53 @@ class EmulatedLibrary:
             message = self.last_error_message()
             self.reset_errors()  # kernel faults are sticky; the next test starts clean
             raise EmulatedLaunchError(code, message)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+GUARD_BYTES = 1 << 20
+
+
+class Guarded:
+    """A tensor for an emulated kernel, fenced in on both sides.
+
+    The tensor (``.tensor``, of ``shape`` and ``dtype``) starts ``margin +
+    shift`` elements into a page-rounded region of its own mmap; everything
+    else in that region (at least ``margin`` elements each side) holds
+    ``fill``, and 1 MiB of inaccessible pages lie beyond the region on both
+    sides, so that a kernel running past the tensor either changes the
+    margins (``margins_unchanged()`` says so) or faults (the launch fails with
+    cudaErrorIllegalAddress) instead of corrupting the test process. The
+    tensor starts as ``init`` (copied) or ``interior`` (a fill value).
+    """
+
+    def __init__(self, shape, dtype, fill, init=None, interior=None, shift=0, margin=64):
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        numel = math.prod(shape)
+        region = -(-(numel + 2 * margin + shift) * itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._map = mmap.mmap(-1, 2 * GUARD_BYTES + region)
+        whole = torch.frombuffer(self._map, dtype=torch.uint8)
+        for offset in (0, GUARD_BYTES + region):
+            if _LIBC.mprotect(whole.data_ptr() + offset, GUARD_BYTES, 0) != 0:  # PROT_NONE
+                raise OSError(ctypes.get_errno(), "mprotect failed")
+        self.buffer = whole[GUARD_BYTES:GUARD_BYTES + region].view(dtype)
+        self.buffer.fill_(fill)
+        self.start, self.end = margin + shift, margin + shift + numel
+        self.tensor = self.buffer[self.start:self.end].view(shape)
+        if init is not None:
+            self.tensor.copy_(init)
+        elif interior is not None:
+            self.tensor.fill_(interior)
+        self.before = self.buffer.clone()
+
+    def margins_unchanged(self):
+        now, before = self.buffer.view(torch.uint8), self.before.view(torch.uint8)
+        itemsize = self.buffer.element_size()
+        head, tail = self.start * itemsize, self.end * itemsize
+        return torch.equal(now[:head], before[:head]) and torch.equal(now[tail:], before[tail:])
+
+    def unchanged(self):
+        return torch.equal(self.buffer.view(torch.uint8), self.before.view(torch.uint8))
 
 
 def _ptr(tensor):

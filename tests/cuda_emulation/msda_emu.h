@@ -901,6 +901,17 @@ inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr
   }
 }
 
+}  // extern "C"
+
+// The C++ overload nvcc's cuda_runtime.h declares (only under __CUDACC__):
+// cudaFuncSetAttribute(kernel, ...) with a kernel pointer.
+template <typename T>
+inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+
+extern "C" {
+
 // -fsanitize=alignment calls this for a misaligned typed access.
 struct MsdaUbsanSourceLocation {
   const char* file;
@@ -924,7 +935,7 @@ void __ubsan_handle_type_mismatch_v1(void* raw, void* pointer) {
   const auto* data = static_cast<const MsdaUbsanTypeMismatchData*>(raw);
   char text[512];
   std::snprintf(text, sizeof(text), "msda_emu: misaligned access: %s of %zu-byte aligned type %s at %p, %s:%u",
-                data->type_check_kind == 0 ? "load" : data->type_check_kind == 1 ? "store" : "use",
+                data->type_check_kind == 0 ? "load" : data->type_check_kind == 1 ? "store" : "access",
                 size_t(1) << data->log_alignment, data->type ? data->type->name : "?", pointer,
                 data->location.file ? data->location.file : "?", data->location.line);
   if (msda_emu::in_kernel()) msda_emu::fault_in_fiber(cudaErrorMisalignedAddress, std::string(text) + " (" + msda_emu::where() + ")");
