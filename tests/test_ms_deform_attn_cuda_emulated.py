@@ -39,8 +39,14 @@ def guarded_input(tensor, shift=0):
     return Guarded(tensor.shape, tensor.dtype, float("nan"), init=tensor, shift=shift)
 
 
+def strategies(emu):
+    """The backward's grad_value strategies: 0 only, unless the launcher takes a
+    strategy argument (then 0 = global atomics, 1 = shared-memory aggregation)."""
+    return [0, 1] if emu.backward_takes_strategy else [0]
+
+
 def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
-                 value_shift=0, output_shift=0, grad_output_shift=0):
+                 value_shift=0, output_shift=0, grad_output_shift=0, strategy=0):
     """Forward and backward through the emulated kernels, checking every guard.
 
     Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
@@ -64,7 +70,8 @@ def run_emulated(emu, value, spatial_shapes, level_start_index, locations, atten
     }
     emu.backward(inputs["grad_output"].tensor, inputs["value"].tensor, spatial_shapes, level_start_index,
                  inputs["sampling_locations"].tensor, inputs["attention_weights"].tensor,
-                 grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor)
+                 grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor,
+                 strategy=strategy)
     for name, guarded in inputs.items():
         assert guarded.unchanged(), f"the kernels wrote into {name} or its margins"
     for name, guarded in {"output": output, **grads}.items():
@@ -89,21 +96,30 @@ def random_inputs(dtype, shapes, batch, queries, heads, channels, points, genera
     return inputs, grad_output
 
 
-def assert_close_to_reference(actual, expected, dtype):
+def assert_close_to_reference(actual, expected, dtype, strategy=0):
     tolerance = TOLERANCES[dtype]
     for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_attention"), actual, expected):
-        assert torch.isfinite(got).all(), f"{name} has non-finite elements (unwritten, or NaN read from a margin)"
+        where = f"({dtype}, grad_value strategy {strategy})"
+        assert torch.isfinite(got).all(), f"{name} has non-finite elements (unwritten, or NaN read) {where}"
         error = max_abs_error_ratio(got, want)
-        assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} ({dtype})"
+        assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} {where}"
+
+
+def new_generator(emu):
+    """A fresh input generator; its seed also seeds the emulator's block and thread order."""
+    generator = fresh_generator()
+    emu.set_seed(generator.initial_seed())
+    return generator
 
 
 def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, **shifts):
-    generator = fresh_generator()
+    generator = new_generator(emu)
     inputs, grad_output = random_inputs(dtype, shapes, batch, queries, heads, channels, points, generator)
-    actual = run_emulated(emu, *inputs, grad_output, **shifts)
     expected = reference(*inputs, grad_output)
-    assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
-    assert_close_to_reference(actual, expected, dtype)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, *inputs, grad_output, strategy=strategy, **shifts)
+        assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
+        assert_close_to_reference(actual, expected, dtype, strategy)
     return emu.take_launch_log()
 
 
@@ -158,8 +174,10 @@ def test_empty_launches_nothing(emu, batch, queries):
     attention = torch.rand(batch, queries, 2, 4, 2)
     output = torch.empty(batch, queries, 16)
     emu.forward(value, spatial_shapes, level_start_index, locations, attention, output)
-    emu.backward(torch.empty(batch, queries, 16), value, spatial_shapes, level_start_index, locations, attention,
-                 torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention))
+    for strategy in strategies(emu):
+        emu.backward(torch.empty(batch, queries, 16), value, spatial_shapes, level_start_index, locations,
+                     attention, torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention),
+                     strategy=strategy)
     assert emu.take_launch_log() == []
 
 
@@ -169,19 +187,21 @@ def test_untouched_nan_values_do_not_leak(emu, dtype):
     outside the map, and extra positions past the last level) must not reach
     the output or any gradient."""
     shapes = [(4, 6), (3, 5)]
-    generator = fresh_generator()
+    generator = new_generator(emu)
     (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
         dtype, shapes, 2, 7, 3, 32, 4, generator)
     locations[:, :, :, 1] = -0.75  # pixel -4.25 on level 1: nothing is read there
     extra = 5
     poisoned = torch.cat([value, torch.zeros_like(value[:, :extra])], 1)
     poisoned[:, 24:] = float("nan")  # level 1 and the extra positions
-    actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output)
     clean = value.clone()
     clean[:, 24:] = 0
     expected = reference(clean, spatial_shapes, level_start_index, locations, attention, grad_output)
     expected = expected[:1] + (torch.cat([expected[1], torch.zeros_like(expected[1][:, :extra])], 1),) + expected[2:]
-    assert_close_to_reference(actual, expected, dtype)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output,
+                              strategy=strategy)
+        assert_close_to_reference(actual, expected, dtype, strategy)
 
 
 @pytest.mark.parametrize("bad_shape, bad_start", [
@@ -194,21 +214,24 @@ def test_inconsistent_level_geometry_stays_in_bounds(emu, bad_shape, bad_start):
     """Level 1's shape or start does not fit value's S (a direct op call skips
     the wrapper's check): the kernels skip that level, reading and writing
     nothing out of bounds, and its sampling gradients are zero."""
-    generator = fresh_generator()
+    generator = new_generator(emu)
     (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
         torch.float32, [(4, 6), (3, 3)], 2, 6, 2, 8, 4, generator)
     bad_shapes = spatial_shapes.clone()
     bad_shapes[1] = torch.tensor(bad_shape)
     bad_starts = level_start_index.clone()
     bad_starts[1] = bad_start
-    actual = run_emulated(emu, value, bad_shapes, bad_starts, locations, attention, grad_output)
     level0 = (slice(None),) * 3 + (slice(0, 1),)
     expected = reference(value[:, :24], spatial_shapes[:1], level_start_index[:1], locations[level0],
                          attention[level0], grad_output)
     grad_value = torch.cat([expected[1], torch.zeros_like(value[:, 24:], dtype=torch.float64)], 1)
     grad_locations = torch.cat([expected[2], torch.zeros_like(expected[2])], 3)
     grad_attention = torch.cat([expected[3], torch.zeros_like(expected[3])], 3)
-    assert_close_to_reference(actual, (expected[0], grad_value, grad_locations, grad_attention), torch.float32)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, value, bad_shapes, bad_starts, locations, attention, grad_output,
+                              strategy=strategy)
+        assert_close_to_reference(actual, (expected[0], grad_value, grad_locations, grad_attention), torch.float32,
+                                  strategy)
 
 
 def test_unknown_value_type_is_an_error(emu):

@@ -214,7 +214,9 @@ class Emulator(EmulatedLibrary):
         super().__init__(path)
         sizes = [ctypes.c_int] + [ctypes.c_int64] * 7
         self.lib.msda_emu_forward.argtypes = sizes + [ctypes.c_void_p] * 6
-        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9
+        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9 + [ctypes.c_int]
+        # The backward launcher may take a grad_value strategy (an enum) argument.
+        self.backward_takes_strategy = bool(self.lib.msda_emu_backward_has_strategy())
 
     @staticmethod
     def sizes(value, sampling_locations):
@@ -231,12 +233,15 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
     def backward(self, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, grad_value_acc, grad_locations, grad_attention):
-        """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients."""
+                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy=0):
+        """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients.
+
+        ``strategy`` is passed, as the launcher's enum, when the launcher takes one.
+        """
         code = self.lib.msda_emu_backward(
             VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(grad_output), _ptr(value),
             _ptr(spatial_shapes), _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights),
-            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention))
+            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), strategy)
         self.check(code)
 
 
