@@ -141,7 +141,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels, shapes, points", CASES, ids=lambda x: None)
+@pytest.mark.parametrize("channels, shapes, points", CASES,
+                         ids=[f"C{c}-{len(s)}levels-P{p}" for c, s, p in CASES])
 def test_matches_reference(emu, dtype, channels, shapes, points):
     channels = LARGE_CHANNELS[dtype] if channels == "large" else channels
     # Large C: fewer rows (each runs 32 lanes), still more than one block.
@@ -164,6 +165,26 @@ def test_many_blocks_and_rows(emu):
     """More rows than one block holds, with every category of sample."""
     log = check_case(emu, torch.float32, FOUR_LEVELS, 32, 4, batch=3, queries=40, heads=4)
     assert all("grid=(" in line for line in log)
+
+
+@pytest.fixture(scope="module")
+def small_emu():
+    """The same kernels on a small device (2 SMs, 48 KiB of shared memory per
+    block at most), so that launchers sizing grids or shared memory from the
+    device take their other paths (grid-stride loops, fallbacks)."""
+    try:
+        emulator = load_emulator(sm_count=2, max_shared_optin_bytes=48 * 1024)
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    emulator.take_launch_log()
+    return emulator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels, shapes, points", [(32, FOUR_LEVELS, 4), (71, [(16, 24), (8, 12)], 2)],
+                         ids=["C32-4levels", "C71-large-maps"])
+def test_matches_reference_on_a_small_device(small_emu, dtype, channels, shapes, points):
+    check_case(small_emu, dtype, shapes, channels, points, batch=2, queries=24, heads=2)
 
 
 @pytest.mark.parametrize("batch, queries", [(0, 5), (2, 0)])
@@ -416,3 +437,19 @@ def test_emulator_survives_a_thread_stack_overflow(selftest):
     out = torch.zeros(2)
     expect_error(selftest, selftest.lib.msda_emu_selftest_stack_overflow(ptr(out)), "cudaErrorIllegalAddress",
                  "stack overflow")
+
+
+def test_emulator_ends_an_endless_loop(selftest):
+    out = torch.zeros(32)
+    selftest.set_time_limit(0.5)
+    try:
+        expect_error(selftest, selftest.lib.msda_emu_selftest_endless_loop(ptr(out)), "cudaErrorLaunchTimeout",
+                     "time limit", "endless_loop_kernel")
+    finally:
+        selftest.set_time_limit(300)
+
+
+def test_emulator_turns_a_device_assert_into_a_launch_error(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_assert(ptr(out)), "cudaErrorAssert",
+                 "thread 7 must not get here", "thread (7,0,0)")

@@ -39,7 +39,8 @@ CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-f
 # detr_cuda::ValueType
 VALUE_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CUDA_ERRORS = {1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration", 700: "cudaErrorIllegalAddress",
-               716: "cudaErrorMisalignedAddress", 719: "cudaErrorLaunchFailure"}
+               702: "cudaErrorLaunchTimeout", 710: "cudaErrorAssert", 716: "cudaErrorMisalignedAddress",
+               719: "cudaErrorLaunchFailure"}
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -132,6 +133,7 @@ class EmulatedLibrary:
         self.lib.msda_emu_take_launch_log.restype = ctypes.c_char_p
         self.lib.msda_emu_set_device.argtypes = [ctypes.c_int, ctypes.c_int]
         self.lib.msda_emu_set_seed.argtypes = [ctypes.c_uint64]
+        self.lib.msda_emu_set_time_limit.argtypes = [ctypes.c_double]
 
     def last_error_message(self):
         return self.lib.msda_emu_last_error_message().decode()
@@ -142,6 +144,10 @@ class EmulatedLibrary:
 
     def set_device(self, sm_count=132, max_shared_optin_bytes=227 * 1024):
         self.lib.msda_emu_set_device(sm_count, max_shared_optin_bytes)
+
+    def set_time_limit(self, seconds):
+        """CPU seconds a launch may run before it fails with cudaErrorLaunchTimeout (default 300)."""
+        self.lib.msda_emu_set_time_limit(seconds)
 
     def set_seed(self, seed):
         self.lib.msda_emu_set_seed(seed)
@@ -245,9 +251,27 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
 
-def load_emulator():
-    """The operator's kernels, built (or reused) and loaded."""
-    return Emulator(build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp")))
+def load_emulator(sm_count=None, max_shared_optin_bytes=None):
+    """The operator's kernels, built (or reused) and loaded.
+
+    With ``sm_count`` / ``max_shared_optin_bytes``, a separate copy of the
+    library (its own static state: launchers may cache device attributes)
+    reports that device from its first cudaDeviceGetAttribute on.
+    """
+    path = build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp"))
+    if sm_count is None and max_shared_optin_bytes is None:
+        return Emulator(path)
+    sm_count = 132 if sm_count is None else sm_count
+    max_shared_optin_bytes = 227 * 1024 if max_shared_optin_bytes is None else max_shared_optin_bytes
+    variant = path[:-len(".so")] + f"-sm{sm_count}-shared{max_shared_optin_bytes}.so"
+    if not os.path.exists(variant):
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+        os.close(fd)
+        shutil.copyfile(path, partial)
+        os.replace(partial, variant)
+    emulator = Emulator(variant)
+    emulator.set_device(sm_count, max_shared_optin_bytes)
+    return emulator
 
 
 def load_library(name, source):
