@@ -2,11 +2,14 @@
 emulator in tests/cuda_emulation (no GPU needed; see msda_emu.h for what is
 and is not emulated), against the float64 reference.
 
-Every tensor the kernels touch sits inside a larger buffer: the margins of
-inputs hold NaN (a read out of bounds poisons the result) and inputs must
-stay bitwise unchanged; the margins of outputs hold a sentinel that must
-survive, and outputs start as NaN (every element must be written) except
-grad_value, which starts zeroed as the launcher requires.
+Every tensor the kernels touch sits inside a larger buffer fenced by
+inaccessible pages (cuda_emulation.Guarded): the margins of inputs hold NaN (a
+read out of bounds poisons the result) and inputs must stay bitwise
+unchanged; the margins of outputs hold a sentinel that must survive, and
+outputs start as NaN (every element must be written) except grad_value, which
+starts zeroed as the launcher requires. Each comparison runs every grad_value
+strategy the backward launcher offers. Replay a failure with the printed
+MSDA_TEST_SEED (it also seeds the emulated block and thread order).
 """
 import pytest
 import torch
@@ -164,7 +167,7 @@ def test_misaligned_buffers_use_narrower_vectors(emu, dtype, which):
 def test_many_blocks_and_rows(emu):
     """More rows than one block holds, with every category of sample."""
     log = check_case(emu, torch.float32, FOUR_LEVELS, 32, 4, batch=3, queries=40, heads=4)
-    assert all("grid=(" in line for line in log)
+    assert max(int(line.split("grid=(")[1].split(",")[0]) for line in log) > 1
 
 
 @pytest.fixture(scope="module")

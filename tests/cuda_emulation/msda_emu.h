@@ -33,9 +33,12 @@
 //     warp waiting at different operations, lanes exited while others wait
 //     for them, a lane whose mask leaves itself out, a shuffle that reads a
 //     lane outside the mask, __syncthreads at different call sites, or any
-//     other deadlock. The emulator never hangs and never aborts the process.
+//     other deadlock. The emulator does not hang and does not abort the process:
 //   * Memory faults inside a kernel (SIGSEGV/SIGBUS/SIGFPE, including a
 //     thread stack overflow) end the launch with cudaErrorIllegalAddress; a
+//     device assert() ends it with cudaErrorAssert, __trap() with
+//     cudaErrorLaunchFailure, a launch running past its CPU-time limit (300 s,
+//     set_time_limit) with cudaErrorLaunchTimeout; a
 //     misaligned typed access (a 16-byte vector load from an 8-byte aligned
 //     pointer, say) ends it with cudaErrorMisalignedAddress, when the file is
 //     compiled with -fsanitize=alignment (the test build does; this header
@@ -43,12 +46,19 @@
 //   * Dynamic shared memory (MSDA_DYNAMIC_SHARED) is filled with 0xFF bytes
 //     (NaN for every float type) at the start of every block, and a canary
 //     after the requested bytes must survive the block.
+//   * Errors: a launch error is left for cudaGetLastError (which clears it) as
+//     with <<<>>>; a kernel fault is sticky (every later launch fails) until
+//     reset_errors(), as a GPU context stays broken. Messages accumulate in
+//     g_message (msda_emu_last_error_message() in the C API).
 //   * Host runtime: cudaGetLastError, cudaPeekAtLastError, cudaGetDevice,
 //     cudaGetErrorString, cudaGetErrorName, cudaDeviceGetAttribute (an H100 by
 //     default: 132 SMs, 227 KiB opt-in shared memory per block, 228 KiB per SM,
 //     48 KiB default, 2048 threads and 65536 registers per SM, warp 32; change
-//     with msda_emu::set_device), cudaFuncSetAttribute. Any other runtime call
-//     fails to link (the build uses -Wl,--no-undefined), which names it.
+//     with msda_emu::set_device), cudaFuncSetAttribute (MaxDynamicSharedMemorySize
+//     per kernel, PreferredSharedMemoryCarveout accepted). An attribute not
+//     listed is cudaErrorInvalidValue with a message saying so; any other
+//     runtime call fails to link (the build uses -Wl,--no-undefined), naming it.
+//   * Kernel names in messages come from the library's ELF symbol table.
 //
 // What is NOT emulated
 //   * The memory model and timing: no caches, no reordering, no races between
@@ -60,13 +70,21 @@
 //     per process and carrying values from block to block (not poisoned).
 //     `extern __shared__` must be written as MSDA_DYNAMIC_SHARED.
 //   * __launch_bounds__ (ignored), streams (every launch is synchronous),
-//     out-of-bounds accesses that stay inside mapped memory (the tests put
-//     buffers between NaN / sentinel margins for that), register limits.
+//     register limits, and out-of-bounds accesses that stay inside mapped
+//     memory: the tests fence every buffer with NaN / sentinel margins and
+//     inaccessible pages (cuda_emulation.Guarded) for that.
+//   * Device-only intrinsics beyond those above (e.g. __fmaf_rn, __popc,
+//     vector atomics): add them here when a kernel needs them; the build
+//     fails with "was not declared" until then.
 //
 // Running the tests:  python -m pytest -q tests/test_ms_deform_attn_cuda_emulated.py
-// (tests/cuda_emulation/__init__.py builds the library with g++ into
-// build/cuda_emulation/<hash of the sources>/ and loads it with ctypes; the
-// tests skip when g++ or the CUDA headers are missing).
+// tests/cuda_emulation/__init__.py builds msda_emu_entry.cpp (this header +
+// csrc/cuda/ms_deform_attn_cuda.cu, exported as msda_emu_forward/_backward)
+// with g++ into build/cuda_emulation/<hash of every source>/ and loads it with
+// ctypes; msda_emu_selftest.cpp holds the emulator's own broken-kernel tests.
+// The tests skip when g++ or the CUDA headers (cuda_fp16.h) are missing.
+// MSDA_EMU_CSRC=/other/checkout/csrc runs another checkout's kernels;
+// MSDA_TEST_SEED=<seed> replays the inputs and the block/thread order.
 #pragma once
 
 #include <cuda_bf16.h>
