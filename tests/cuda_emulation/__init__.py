@@ -32,9 +32,10 @@ BUILD_ROOT = os.path.join(REPO, "build", "cuda_emulation")
 # (msda_emu.h provides the sanitizer's handler; no libubsan is linked);
 # -fstack-clash-protection makes a too-large stack frame touch the guard page
 # below a thread's stack instead of jumping past it.
-CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fsanitize=alignment",
-             "-fstack-clash-protection",
-             "-Wall", "-Wno-unknown-pragmas", "-Wl,--no-undefined"]
+CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-fsanitize=alignment", "-fstack-clash-protection",
+             "-Wall", "-Wno-unknown-pragmas"]
+# Linked in a second step without -fsanitize, so libubsan is not pulled in.
+LINK_FLAGS = ["-shared", "-Wl,--no-undefined"]
 
 # detr_cuda::ValueType
 VALUE_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -94,7 +95,7 @@ def build_library(name, source):
     cxx = compiler()
     include = cuda_include_dir()
     command = [cxx] + CXX_FLAGS + ["-I" + CSRC, "-I" + HERE, "-I" + include]
-    digest = hashlib.sha256(" ".join(command).encode())
+    digest = hashlib.sha256(" ".join(command + LINK_FLAGS).encode())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest.update(version.encode())
     for path in _sources_for(source):
@@ -110,16 +111,23 @@ def build_library(name, source):
     script = os.path.join(out_dir, f"{name}.map")
     with open(script, "w") as handle:
         handle.write("{ global: msda_emu_*; local: *; };\n")
-    # Build into a temporary name, then rename: concurrent runs never load half a file.
+    # Build into temporary names, then rename: concurrent runs never load half a file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    result = subprocess.run(command + [source, "-o", partial, f"-Wl,--version-script={script}"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(partial)
-        raise RuntimeError(f"building the CUDA emulation of {os.path.relpath(source, REPO)} failed:\n"
-                           + " ".join(command) + "\n" + result.stderr[-8000:])
-    os.replace(partial, library)
+    objects = partial[:-len(".so")] + ".o"
+    steps = [command + ["-c", source, "-o", objects],
+             [cxx] + LINK_FLAGS + [objects, "-o", partial, f"-Wl,--version-script={script}"]]
+    try:
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the CUDA emulation of {os.path.relpath(source, REPO)} failed:\n"
+                                   + " ".join(step) + "\n" + result.stderr[-8000:])
+        os.replace(partial, library)
+    finally:
+        for path in (objects, partial):
+            if os.path.exists(path):
+                os.unlink(path)
     return library
 
 
