@@ -105,6 +105,7 @@ def build_library(name, source):
     out_dir = os.path.join(BUILD_ROOT, digest.hexdigest()[:16])
     library = os.path.join(out_dir, f"lib{name}.so")
     if os.path.exists(library):
+        os.utime(out_dir)  # recently used: kept by _prune
         return library
     os.makedirs(out_dir, exist_ok=True)
     # Export only the msda_emu_* entry points.
@@ -128,7 +129,15 @@ def build_library(name, source):
         for path in (objects, partial):
             if os.path.exists(path):
                 os.unlink(path)
+    _prune(keep=12)
     return library
+
+
+def _prune(keep):
+    """Remove all but the ``keep`` newest build directories (a loaded library survives its unlinking)."""
+    dirs = sorted((os.path.join(BUILD_ROOT, d) for d in os.listdir(BUILD_ROOT)), key=os.path.getmtime, reverse=True)
+    for stale in dirs[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class EmulatedLibrary:
