@@ -1,0 +1,395 @@
+"""The CUDA kernels of csrc/cuda/ms_deform_attn_cuda.cu, run on the CPU by the
+emulator in tests/cuda_emulation (no GPU needed; see msda_emu.h for what is
+and is not emulated), against the float64 reference.
+
+Every tensor the kernels touch sits inside a larger buffer: the margins of
+inputs hold NaN (a read out of bounds poisons the result) and inputs must
+stay bitwise unchanged; the margins of outputs hold a sentinel that must
+survive, and outputs start as NaN (every element must be written) except
+grad_value, which starts zeroed as the launcher requires.
+"""
+import pytest
+import torch
+
+from cuda_emulation import EmulatedLaunchError, EmulatorUnavailable, Guarded, load_emulator
+from detr_cuda.ops.reference import ms_deform_attn_reference
+from msda_testing import FOUR_LEVELS, ONE_LEVEL, TOLERANCES, fresh_generator, level_geometry, make_inputs, \
+    max_abs_error_ratio
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SENTINEL = -1234.5
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        emulator = load_emulator()
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    emulator.take_launch_log()
+    return emulator
+
+
+def acc_dtype(dtype):
+    """Locations, attention and every gradient but grad_value's final cast: float64 for float64 value."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def guarded_input(tensor, shift=0):
+    return Guarded(tensor.shape, tensor.dtype, float("nan"), init=tensor, shift=shift)
+
+
+def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
+                 value_shift=0, output_shift=0, grad_output_shift=0):
+    """Forward and backward through the emulated kernels, checking every guard.
+
+    Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
+    """
+    dtype, acc = value.dtype, locations.dtype
+    batch, _, heads, channels = value.shape
+    queries = locations.shape[1]
+    inputs = {
+        "value": guarded_input(value, value_shift),
+        "sampling_locations": guarded_input(locations),
+        "attention_weights": guarded_input(attention),
+        "grad_output": guarded_input(grad_output, grad_output_shift),
+    }
+    output = Guarded((batch, queries, heads * channels), dtype, SENTINEL, interior=float("nan"), shift=output_shift)
+    emu.forward(inputs["value"].tensor, spatial_shapes, level_start_index, inputs["sampling_locations"].tensor,
+                inputs["attention_weights"].tensor, output.tensor)
+    grads = {
+        "grad_value": Guarded(value.shape, acc, SENTINEL, interior=0.0),
+        "grad_locations": Guarded(locations.shape, acc, SENTINEL, interior=float("nan")),
+        "grad_attention": Guarded(attention.shape, acc, SENTINEL, interior=float("nan")),
+    }
+    emu.backward(inputs["grad_output"].tensor, inputs["value"].tensor, spatial_shapes, level_start_index,
+                 inputs["sampling_locations"].tensor, inputs["attention_weights"].tensor,
+                 grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor)
+    for name, guarded in inputs.items():
+        assert guarded.unchanged(), f"the kernels wrote into {name} or its margins"
+    for name, guarded in {"output": output, **grads}.items():
+        assert guarded.margins_unchanged(), f"the kernels wrote past the ends of {name}"
+    return (output.tensor.clone(), grads["grad_value"].tensor.clone(), grads["grad_locations"].tensor.clone(),
+            grads["grad_attention"].tensor.clone())
+
+
+def reference(value, spatial_shapes, level_start_index, locations, attention, grad_output):
+    """(output, grad_value, grad_locations, grad_attention) in float64 by autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (value, locations, attention)]
+    output = ms_deform_attn_reference(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+    output.backward(grad_output.double())
+    return (output.detach(),) + tuple(leaf.grad for leaf in leaves)
+
+
+def random_inputs(dtype, shapes, batch, queries, heads, channels, points, generator):
+    inputs = make_inputs(shapes, batch, queries, heads, channels, points, dtype=dtype, generator=generator,
+                         loc_dtype=acc_dtype(dtype))
+    grad_output = torch.randn(batch, queries, heads * channels, generator=generator,
+                              dtype=torch.float64).to(dtype)
+    return inputs, grad_output
+
+
+def assert_close_to_reference(actual, expected, dtype):
+    tolerance = TOLERANCES[dtype]
+    for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_attention"), actual, expected):
+        assert torch.isfinite(got).all(), f"{name} has non-finite elements (unwritten, or NaN read from a margin)"
+        error = max_abs_error_ratio(got, want)
+        assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} ({dtype})"
+
+
+def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, **shifts):
+    generator = fresh_generator()
+    inputs, grad_output = random_inputs(dtype, shapes, batch, queries, heads, channels, points, generator)
+    actual = run_emulated(emu, *inputs, grad_output, **shifts)
+    expected = reference(*inputs, grad_output)
+    assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
+    assert_close_to_reference(actual, expected, dtype)
+    return emu.take_launch_log()
+
+
+# Channels per head cover every vector width (16-byte vectors: 4 fp32, 2 fp64,
+# 8 fp16/bf16; C not a multiple falls to 2 or 1) and every lane count (1..32,
+# and 32 lanes each looping over several vectors for the large C).
+LARGE_CHANNELS = {torch.float64: 128, torch.float32: 256, torch.float16: 512, torch.bfloat16: 512}
+CASES = [
+    # (channels, shapes, points)
+    (1, FOUR_LEVELS, 4),
+    (3, ONE_LEVEL, 4),
+    (8, FOUR_LEVELS, 1),
+    (30, FOUR_LEVELS, 2),
+    (32, FOUR_LEVELS, 4),
+    (64, ONE_LEVEL, 8),
+    (71, FOUR_LEVELS, 2),
+    ("large", [(2, 3), (1, 4)], 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels, shapes, points", CASES, ids=lambda x: None)
+def test_matches_reference(emu, dtype, channels, shapes, points):
+    channels = LARGE_CHANNELS[dtype] if channels == "large" else channels
+    # Large C: fewer rows (each runs 32 lanes), still more than one block.
+    queries = 3 if channels > 100 else 9
+    check_case(emu, dtype, shapes, channels, points, queries=queries)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("which", ["value", "output", "grad_output"])
+def test_misaligned_buffers_use_narrower_vectors(emu, dtype, which):
+    """A buffer one element off 16-byte alignment: the launcher must pick a
+    narrower vector (a misaligned vector access is a launch error here, via
+    -fsanitize=alignment, as it is on a GPU)."""
+    aligned = check_case(emu, dtype, FOUR_LEVELS, 32, 2)
+    shifted = check_case(emu, dtype, FOUR_LEVELS, 32, 2, **{f"{which}_shift": 1})
+    print("aligned:", aligned, "\nshifted:", shifted)
+
+
+def test_many_blocks_and_rows(emu):
+    """More rows than one block holds, with every category of sample."""
+    log = check_case(emu, torch.float32, FOUR_LEVELS, 32, 4, batch=3, queries=40, heads=4)
+    assert all("grid=(" in line for line in log)
+
+
+@pytest.mark.parametrize("batch, queries", [(0, 5), (2, 0)])
+def test_empty_launches_nothing(emu, batch, queries):
+    spatial_shapes, level_start_index, num_values = level_geometry(FOUR_LEVELS)
+    value = torch.randn(batch, num_values, 2, 8)
+    locations = torch.rand(batch, queries, 2, 4, 2, 2)
+    attention = torch.rand(batch, queries, 2, 4, 2)
+    output = torch.empty(batch, queries, 16)
+    emu.forward(value, spatial_shapes, level_start_index, locations, attention, output)
+    emu.backward(torch.empty(batch, queries, 16), value, spatial_shapes, level_start_index, locations, attention,
+                 torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention))
+    assert emu.take_launch_log() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_untouched_nan_values_do_not_leak(emu, dtype):
+    """NaN in value positions that no sample reads (a level sampled only
+    outside the map, and extra positions past the last level) must not reach
+    the output or any gradient."""
+    shapes = [(4, 6), (3, 5)]
+    generator = fresh_generator()
+    (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
+        dtype, shapes, 2, 7, 3, 32, 4, generator)
+    locations[:, :, :, 1] = -0.75  # pixel -4.25 on level 1: nothing is read there
+    extra = 5
+    poisoned = torch.cat([value, torch.zeros_like(value[:, :extra])], 1)
+    poisoned[:, 24:] = float("nan")  # level 1 and the extra positions
+    actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output)
+    clean = value.clone()
+    clean[:, 24:] = 0
+    expected = reference(clean, spatial_shapes, level_start_index, locations, attention, grad_output)
+    expected = expected[:1] + (torch.cat([expected[1], torch.zeros_like(expected[1][:, :extra])], 1),) + expected[2:]
+    assert_close_to_reference(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("bad_shape, bad_start", [
+    ((3, 5), 24),        # reaches 6 positions past S
+    ((1, 1000000), 24),  # far wider than S
+    ((3, 3), -3),        # starts before the first position
+    ((3, 3), 1 << 62),   # starts far past S (an int64 overflow of start + H*W must not wrap into range)
+])
+def test_inconsistent_level_geometry_stays_in_bounds(emu, bad_shape, bad_start):
+    """Level 1's shape or start does not fit value's S (a direct op call skips
+    the wrapper's check): the kernels skip that level, reading and writing
+    nothing out of bounds, and its sampling gradients are zero."""
+    generator = fresh_generator()
+    (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
+        torch.float32, [(4, 6), (3, 3)], 2, 6, 2, 8, 4, generator)
+    bad_shapes = spatial_shapes.clone()
+    bad_shapes[1] = torch.tensor(bad_shape)
+    bad_starts = level_start_index.clone()
+    bad_starts[1] = bad_start
+    actual = run_emulated(emu, value, bad_shapes, bad_starts, locations, attention, grad_output)
+    level0 = (slice(None),) * 3 + (slice(0, 1),)
+    expected = reference(value[:, :24], spatial_shapes[:1], level_start_index[:1], locations[level0],
+                         attention[level0], grad_output)
+    grad_value = torch.cat([expected[1], torch.zeros_like(value[:, 24:], dtype=torch.float64)], 1)
+    grad_locations = torch.cat([expected[2], torch.zeros_like(expected[2])], 3)
+    grad_attention = torch.cat([expected[3], torch.zeros_like(expected[3])], 3)
+    assert_close_to_reference(actual, (expected[0], grad_value, grad_locations, grad_attention), torch.float32)
+
+
+def test_unknown_value_type_is_an_error(emu):
+    emu.take_launch_log()
+    spatial_shapes, level_start_index, num_values = level_geometry(ONE_LEVEL)
+    value = torch.randn(1, num_values, 1, 8)
+    locations = torch.full((1, 1, 1, 1, 1, 2), 0.5)
+    attention = torch.ones(1, 1, 1, 1, 1)
+    output = torch.empty(1, 1, 8)
+    # 7 is no detr_cuda::ValueType: the launcher answers cudaErrorInvalidValue and launches nothing.
+    code = emu.lib.msda_emu_forward(7, *emu.sizes(value, locations), value.data_ptr(), spatial_shapes.data_ptr(),
+                                    level_start_index.data_ptr(), locations.data_ptr(), attention.data_ptr(),
+                                    output.data_ptr())
+    with pytest.raises(EmulatedLaunchError) as error:
+        emu.check(code)
+    assert error.value.name == "cudaErrorInvalidValue"
+    assert emu.take_launch_log() == []
+
+
+# ----------------------------------------------------------------------------
+# The emulator itself: correct kernels give known answers, and every kind of
+# undefined behaviour it claims to catch is caught (tests/cuda_emulation/
+# msda_emu_selftest.cpp). A checker that cannot fail would prove nothing.
+
+@pytest.fixture(scope="module")
+def selftest():
+    import os
+
+    from cuda_emulation import HERE, load_library
+    try:
+        library = load_library("msda_emu_selftest", os.path.join(HERE, "msda_emu_selftest.cpp"))
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    return library
+
+
+def ptr(tensor):
+    import ctypes
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def expect_error(library, code, name, *fragments):
+    with pytest.raises(EmulatedLaunchError) as error:
+        library.check(code)
+    assert error.value.name == name, str(error.value)
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+    return str(error.value)
+
+
+def test_emulated_warp_and_block_semantics(selftest):
+    x, y, z = 8, 4, 2
+    n = x * y * z
+    out = torch.full((n, 8), float("nan"))
+    counter = torch.zeros(1, dtype=torch.int32)
+    selftest.check(selftest.lib.msda_emu_selftest_semantics(ptr(out), ptr(counter), x, y, z))
+    t = torch.arange(n)
+    lane = t % 32
+    assert torch.equal(out[:, 0], torch.full((n,), 496.0))
+    assert torch.equal(out[:, 1], torch.full((n,), 3.0))
+    assert torch.equal(out[:, 2], torch.where(lane % 8 == 7, lane, lane + 1).float())
+    assert torch.equal(out[:, 3], torch.where(lane % 16 < 2, lane, lane - 2).float())
+    assert torch.equal(out[:, 4], torch.ones(n)) and torch.equal(out[:, 5], torch.ones(n))
+    assert counter.item() == n
+    assert torch.equal(out[:, 6], ((t + 1) % n).float())
+    assert torch.equal(out[:, 7], (t % x + 100 * (t // x % y) + 10000 * (t // (x * y))).float())
+
+
+def test_emulated_partial_last_warp(selftest):
+    out = torch.zeros(40, dtype=torch.float64)
+    selftest.check(selftest.lib.msda_emu_selftest_partial_warp(ptr(out)))
+    assert torch.equal(out, torch.full((40,), 8.0))
+    # A whole-warp sum there would read lanes 8..31 of warp 1, which do not exist.
+    expect_error(selftest, selftest.lib.msda_emu_selftest_partial_warp_full_sum(ptr(out)), "cudaErrorLaunchFailure",
+                 "partial_warp_full_sum_kernel", "which is past the end of the block", "warp 1")
+
+
+def test_emulated_dynamic_shared_memory_is_poisoned(selftest):
+    out = torch.zeros(64)
+    selftest.check(selftest.lib.msda_emu_selftest_unwritten_shared(ptr(out), 64))
+    assert torch.isnan(out).all()
+
+
+def test_emulated_missing_barrier_is_exposed(selftest):
+    out = torch.zeros(256)
+    selftest.check(selftest.lib.msda_emu_selftest_missing_barrier(ptr(out), 256))
+    # Threads run in a shuffled order: some read their neighbour's slot before it was written.
+    assert torch.isnan(out).any() and (out == 1).any()
+
+
+def test_emulated_blocks_run_in_shuffled_order(selftest):
+    out = torch.full((64,), -1, dtype=torch.int32)
+    counter = torch.zeros(1, dtype=torch.int32)
+    selftest.check(selftest.lib.msda_emu_selftest_block_order(ptr(out), ptr(counter), 64))
+    assert sorted(out.tolist()) == list(range(64)) and out.tolist() != list(range(64))
+
+
+def test_emulator_catches_divergent_shuffles(selftest):
+    out = torch.zeros(128)
+    message = expect_error(selftest, selftest.lib.msda_emu_selftest_divergent_shuffle(ptr(out)),
+                           "cudaErrorLaunchFailure", "divergent_shuffle_kernel", "deadlock", "__shfl_xor_sync",
+                           "__shfl_down_sync")
+    print(message)
+
+
+def test_emulator_catches_a_lane_exited_before_a_full_mask_shuffle(selftest):
+    out = torch.zeros(64)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_exited_lane_shuffle(ptr(out)), "cudaErrorLaunchFailure",
+                 "exited_lane_shuffle_kernel", "lanes 5 exited")
+
+
+def test_emulator_catches_a_syncthreads_without_partners(selftest):
+    out = torch.zeros(64)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_lonely_syncthreads(ptr(out)), "cudaErrorLaunchFailure",
+                 "different __syncthreads calls", "call site", "threads 1-63")
+
+
+def test_emulator_catches_syncthreads_against_a_shuffle(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_syncthreads_vs_shuffle(ptr(out)),
+                 "cudaErrorLaunchFailure", "deadlock", "lanes 0-15 wait at __syncthreads",
+                 "lanes 16-31 wait at __shfl_xor_sync")
+
+
+def test_emulator_catches_a_shuffle_from_outside_its_mask(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_shuffle_outside_mask(ptr(out)), "cudaErrorLaunchFailure",
+                 "reads lane 20, which is not in the mask")
+
+
+def test_emulator_enforces_dynamic_shared_memory_limits(selftest):
+    out = torch.zeros(32)
+    run = selftest.lib.msda_emu_selftest_shared_size
+    selftest.check(run(ptr(out), 48 * 1024, 0))  # the default limit
+    expect_error(selftest, run(ptr(out), 64 * 1024, 0), "cudaErrorInvalidValue", "65536 bytes", "shared_kernel",
+                 "cudaFuncSetAttribute")
+    selftest.check(run(ptr(out), 64 * 1024, 64 * 1024))  # raised for this kernel
+    expect_error(selftest, run(ptr(out), 100 * 1024, 64 * 1024), "cudaErrorInvalidValue")
+    expect_error(selftest, run(ptr(out), 228 * 1024, 228 * 1024), "cudaErrorInvalidValue", "opt-in maximum")
+    selftest.set_device(max_shared_optin_bytes=99 * 1024)  # an A100-like opt-in limit
+    try:
+        expect_error(selftest, run(ptr(out), 100 * 1024, 100 * 1024), "cudaErrorInvalidValue")
+    finally:
+        selftest.set_device()
+    selftest.check(run(ptr(out), 100 * 1024, 100 * 1024))
+
+
+def test_emulator_catches_a_shared_memory_overrun(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_shared_overrun(ptr(out)), "cudaErrorIllegalAddress",
+                 "past the end of the dynamic shared memory")
+
+
+@pytest.mark.parametrize("block, ok", [((1024, 1, 1), True), ((1025, 1, 1), False), ((32, 32, 1), True),
+                                       ((16, 16, 8), False), ((1, 1, 65), False), ((0, 1, 1), False)])
+def test_emulator_checks_block_sizes(selftest, block, ok):
+    out = torch.zeros(1)
+    code = selftest.lib.msda_emu_selftest_block_size(ptr(out), *block)
+    if ok:
+        selftest.check(code)
+    else:
+        expect_error(selftest, code, "cudaErrorInvalidConfiguration", "invalid block size")
+
+
+def test_emulator_catches_a_misaligned_vector_load(selftest):
+    data = torch.zeros(64)
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_misaligned_vector(ptr(data), ptr(out)),
+                 "cudaErrorMisalignedAddress", "misaligned_vector_kernel", "16-byte aligned")
+
+
+def test_emulator_survives_an_illegal_address(selftest):
+    import ctypes
+    out = torch.zeros(32)
+    code = selftest.lib.msda_emu_selftest_illegal_address(ctypes.c_void_p(16), ptr(out))
+    expect_error(selftest, code, "cudaErrorIllegalAddress", "illegal memory access", "illegal_address_kernel")
+    # The next launch works again once the (sticky) fault was reset.
+    selftest.check(selftest.lib.msda_emu_selftest_partial_warp(ptr(torch.zeros(40, dtype=torch.float64))))
+
+
+def test_emulator_survives_a_thread_stack_overflow(selftest):
+    out = torch.zeros(2)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_stack_overflow(ptr(out)), "cudaErrorIllegalAddress",
+                 "stack overflow")
