@@ -40,8 +40,9 @@ def guarded_input(tensor, shift=0):
 
 
 def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
-                 value_shift=0, output_shift=0, grad_output_shift=0):
-    """Forward and backward through the emulated kernels, checking every guard.
+                 value_shift=0, output_shift=0, grad_output_shift=0, strategy="atomic"):
+    """Forward and backward (grad_value ``strategy`` "atomic" or "shared")
+    through the emulated kernels, checking every guard.
 
     Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
     """
@@ -64,7 +65,8 @@ def run_emulated(emu, value, spatial_shapes, level_start_index, locations, atten
     }
     emu.backward(inputs["grad_output"].tensor, inputs["value"].tensor, spatial_shapes, level_start_index,
                  inputs["sampling_locations"].tensor, inputs["attention_weights"].tensor,
-                 grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor)
+                 grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor,
+                 strategy=strategy)
     for name, guarded in inputs.items():
         assert guarded.unchanged(), f"the kernels wrote into {name} or its margins"
     for name, guarded in {"output": output, **grads}.items():
@@ -97,10 +99,10 @@ def assert_close_to_reference(actual, expected, dtype):
         assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} ({dtype})"
 
 
-def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, **shifts):
+def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, strategy="atomic", **shifts):
     generator = fresh_generator()
     inputs, grad_output = random_inputs(dtype, shapes, batch, queries, heads, channels, points, generator)
-    actual = run_emulated(emu, *inputs, grad_output, **shifts)
+    actual = run_emulated(emu, *inputs, grad_output, strategy=strategy, **shifts)
     expected = reference(*inputs, grad_output)
     assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
     assert_close_to_reference(actual, expected, dtype)
@@ -121,16 +123,72 @@ CASES = [
     (64, ONE_LEVEL, 8),
     (71, FOUR_LEVELS, 2),
     ("large", [(2, 3), (1, 4)], 2),
+    # P = 8 (the forward's other template) and an odd P (runtime P, one
+    # sample at a time in the backward).
+    (32, FOUR_LEVELS, 8),
+    (16, FOUR_LEVELS, 3),
 ]
+STRATEGIES = ["atomic", "shared"]
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels, shapes, points", CASES, ids=lambda x: None)
-def test_matches_reference(emu, dtype, channels, shapes, points):
+def test_matches_reference(emu, dtype, channels, shapes, points, strategy):
     channels = LARGE_CHANNELS[dtype] if channels == "large" else channels
     # Large C: fewer rows (each runs 32 lanes), still more than one block.
     queries = 3 if channels > 100 else 9
-    check_case(emu, dtype, shapes, channels, points, queries=queries)
+    log = check_case(emu, dtype, shapes, channels, points, queries=queries, strategy=strategy)
+    backward = [line for line in log if "backward" in line]
+    assert len(backward) == 1 and f"backward_{strategy}_kernel" in backward[0], log
+
+
+@pytest.fixture
+def small_device(emu):
+    """emu.set_device(sm_count, max_shared_optin_bytes) for one test, then back to the H100 default."""
+    yield emu.set_device
+    emu.set_device()
+
+
+def launch_grid_x(line):
+    return int(line.split("grid=(")[1].split(",")[0])
+
+
+@pytest.mark.parametrize("sm_count, optin, blocks", [
+    # pairs = B*H = 6 (batch, head); 64 rows per pass (C=32 fp32: 8 lanes a row), so Q=150 has at
+    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table): 4 blocks fit an SM.
+    (16, 227 * 1024, 18),  # 3 query slices per pair: 18 blocks split each pair's queries
+    (1, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
+    (3, 1600, 3),          # 1600 B: levels 3 and 2 (768 B each) in shared memory, levels 1 and 0 global
+    (3, 100, 3),           # room for the level table only: every level uses global atomics
+])
+def test_shared_strategy_on_small_devices(emu, small_device, sm_count, optin, blocks):
+    """Persistent blocks split the (batch, head, query slice) items, and the
+    levels that fit the shared budget (coarsest first) are aggregated on chip
+    while the others use global atomics: both give the reference's grad_value,
+    and grad_locations / grad_attention bitwise equal to the atomic strategy."""
+    small_device(sm_count, optin)
+    shapes = [(6, 7), (4, 6), (3, 2), (2, 3)]  # fp32, C=32: 5376, 3072, 768, 768 bytes per level
+    generator = fresh_generator()
+    inputs, grad_output = random_inputs(torch.float32, shapes, 2, 150, 3, 32, 4, generator)
+    emu.take_launch_log()
+    shared = run_emulated(emu, *inputs, grad_output, strategy="shared")
+    log = [line for line in emu.take_launch_log() if "backward" in line]
+    assert len(log) == 1 and "backward_shared_kernel" in log[0] and launch_grid_x(log[0]) == blocks, log
+    assert int(log[0].split("shared=")[1]) <= optin
+    atomic = run_emulated(emu, *inputs, grad_output, strategy="atomic")
+    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32)
+    assert torch.equal(shared[0], atomic[0])
+    assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
+    torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_shared_strategy_with_a_level_larger_than_the_budget(emu, small_device, dtype):
+    """A fine level far larger than the shared budget next to small coarse
+    ones (the realistic case: only the coarse levels fit)."""
+    small_device(7, 8 * 1024)
+    check_case(emu, dtype, [(30, 40), (5, 6), (2, 3)], 16, 4, batch=1, queries=70, heads=2, strategy="shared")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -163,8 +221,9 @@ def test_empty_launches_nothing(emu, batch, queries):
     assert emu.take_launch_log() == []
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_untouched_nan_values_do_not_leak(emu, dtype):
+def test_untouched_nan_values_do_not_leak(emu, dtype, strategy):
     """NaN in value positions that no sample reads (a level sampled only
     outside the map, and extra positions past the last level) must not reach
     the output or any gradient."""
@@ -176,7 +235,8 @@ def test_untouched_nan_values_do_not_leak(emu, dtype):
     extra = 5
     poisoned = torch.cat([value, torch.zeros_like(value[:, :extra])], 1)
     poisoned[:, 24:] = float("nan")  # level 1 and the extra positions
-    actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output)
+    actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output,
+                          strategy=strategy)
     clean = value.clone()
     clean[:, 24:] = 0
     expected = reference(clean, spatial_shapes, level_start_index, locations, attention, grad_output)

@@ -38,6 +38,8 @@ CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-f
 
 # detr_cuda::ValueType
 VALUE_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# detr_cuda::GradValueStrategy (the values of $DETR_CUDA_MSDA_GRAD_VALUE)
+GRAD_VALUE_STRATEGIES = {"atomic": 0, "shared": 1}
 CUDA_ERRORS = {1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration", 700: "cudaErrorIllegalAddress",
                716: "cudaErrorMisalignedAddress", 719: "cudaErrorLaunchFailure"}
 
@@ -214,7 +216,7 @@ class Emulator(EmulatedLibrary):
         super().__init__(path)
         sizes = [ctypes.c_int] + [ctypes.c_int64] * 7
         self.lib.msda_emu_forward.argtypes = sizes + [ctypes.c_void_p] * 6
-        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9
+        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9 + [ctypes.c_int]
 
     @staticmethod
     def sizes(value, sampling_locations):
@@ -231,12 +233,15 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
     def backward(self, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, grad_value_acc, grad_locations, grad_attention):
-        """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients."""
+                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy="atomic"):
+        """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients.
+
+        ``strategy``: the grad_value strategy, "atomic" or "shared" (GRAD_VALUE_STRATEGIES).
+        """
         code = self.lib.msda_emu_backward(
             VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(grad_output), _ptr(value),
             _ptr(spatial_shapes), _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights),
-            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention))
+            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), GRAD_VALUE_STRATEGIES[strategy])
         self.check(code)
 
 

@@ -4,6 +4,9 @@
 // -I$CUDA_HOME/include -shared -fPIC (see build_library there).
 #include "msda_emu.h"
 
+// msda_emu_set_device changes the device between calls: the launcher must
+// re-read its attributes every time instead of caching them per device.
+#define MSDA_CACHE_DEVICE_LIMITS 0
 #include "cuda/ms_deform_attn_cuda.cu"
 
 #define MSDA_EMU_EXPORT extern "C" __attribute__((visibility("default")))
@@ -36,7 +39,8 @@ int finish(cudaError_t launcher_result) {
 
 }  // namespace
 
-// value_type: 0 float32, 1 float64, 2 float16, 3 bfloat16 (detr_cuda::ValueType).
+// value_type: 0 float32, 1 float64, 2 float16, 3 bfloat16 (detr_cuda::ValueType);
+// strategy: 0 global atomics, 1 shared-memory aggregation (detr_cuda::GradValueStrategy).
 MSDA_EMU_EXPORT int msda_emu_forward(int value_type, int64_t batch, int64_t num_values, int64_t num_heads,
                                      int64_t channels, int64_t num_queries, int64_t num_levels, int64_t num_points,
                                      const void* value, const int64_t* spatial_shapes,
@@ -54,12 +58,13 @@ MSDA_EMU_EXPORT int msda_emu_backward(int value_type, int64_t batch, int64_t num
                                       const void* grad_output, const void* value, const int64_t* spatial_shapes,
                                       const int64_t* level_start_index, const void* sampling_locations,
                                       const void* attention_weights, void* grad_value_acc, void* grad_locations,
-                                      void* grad_attention) {
+                                      void* grad_attention, int strategy) {
   msda_emu::reset_errors();
   const auto sz = make_sizes(batch, num_values, num_heads, channels, num_queries, num_levels, num_points);
   return finish(detr_cuda::ms_deform_attn_backward_cuda_launch(
       static_cast<detr_cuda::ValueType>(value_type), sz, grad_output, value, spatial_shapes, level_start_index,
-      sampling_locations, attention_weights, grad_value_acc, grad_locations, grad_attention, nullptr));
+      sampling_locations, attention_weights, grad_value_acc, grad_locations, grad_attention,
+      static_cast<detr_cuda::GradValueStrategy>(strategy), nullptr));
 }
 
 #include "msda_emu_api.h"
