@@ -156,9 +156,11 @@ def launch_grid_x(line):
 
 @pytest.mark.parametrize("sm_count, optin, blocks", [
     # pairs = B*H = 6 (batch, head); 64 rows per pass (C=32 fp32: 8 lanes a row), so Q=150 has at
-    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table): 4 blocks fit an SM.
-    (16, 227 * 1024, 18),  # 3 query slices per pair: 18 blocks split each pair's queries
-    (1, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
+    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table); one 512-thread block
+    # per SM (registers).
+    (16, 227 * 1024, 12),  # 2 query slices per pair: 12 blocks split each pair's queries
+    (40, 227 * 1024, 18),  # at most 3 slices (one 64-query pass each): 18 blocks
+    (4, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
     (3, 1600, 3),          # 1600 B: levels 3 and 2 (768 B each) in shared memory, levels 1 and 0 global
     (3, 100, 3),           # room for the level table only: every level uses global atomics
 ])

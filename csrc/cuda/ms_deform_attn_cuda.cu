@@ -42,6 +42,11 @@
 //                        memory as in kGlobalAtomics. The coarse levels carry
 //                        most of the atomic contention (every value position
 //                        of the 13x21 level is hit ~1300 times per image).
+// The trade-off is for a GPU to measure (benchmarks/bench_msda.py, backends
+// cuda and cuda-shared): a global reduction is one fire-and-forget REDG per
+// 16 bytes on sm_90 but all of them queue at the L2 slices, while a shared
+// float atomicAdd stays on chip but compiles to a compare-and-swap loop
+// (ATOMS.CAST.SPIN, sm_80 and sm_90), several instructions per channel.
 // Neither is bitwise deterministic for grad_value (float atomics).
 //
 // All offsets are 64-bit; any batch size works (no im2col_step); grids are
@@ -498,7 +503,13 @@ __global__ void __launch_bounds__(kSharedThreadsPerBlock, 1)
   const int lanes = 1 << lanes_log2;
   const int lane = threadIdx.x & (lanes - 1);
   const int rows_per_pass = blockDim.x >> lanes_log2;
-  const int local_row = threadIdx.x >> lanes_log2;
+  // Shared float atomicAdd compiles to a compare-and-swap loop (SASS
+  // ATOMS.CAST.SPIN on sm_80 and sm_90): lanes of one warp that hit the same
+  // address retry one after another. Neighbouring queries sample the same
+  // coarse pixels, so the lane groups of a warp take queries `warps` apart
+  // (row = group * warps + warp) rather than consecutive ones.
+  const int warps = static_cast<int>(blockDim.x / 32);
+  const int local_row = ((threadIdx.x & 31) >> lanes_log2) * warps + static_cast<int>(threadIdx.x / 32);
   const int vectors = static_cast<int>(sz.channels / VEC);
   const int64_t items = sz.batch * sz.num_heads * slices;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -625,6 +636,7 @@ struct DeviceLimits {
   int shared_per_block_optin;
   int shared_per_sm;
   int threads_per_sm;
+  int registers_per_sm;
 };
 
 constexpr int kMaxCachedDevices = 64;
@@ -639,6 +651,9 @@ cudaError_t query_device_limits(int device, DeviceLimits* limits) {
   }
   if (error == cudaSuccess) {
     error = cudaDeviceGetAttribute(&limits->threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  }
+  if (error == cudaSuccess) {
+    error = cudaDeviceGetAttribute(&limits->registers_per_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
   }
   return error;
 }
@@ -681,9 +696,12 @@ SharedLaunchPlan shared_launch_plan(const MsdaSizes& sz, const DeviceLimits& lim
   if (budget < table_bytes + 16) return plan;
   plan.usable = true;
   plan.shared_bytes = static_cast<int>(budget);
-  // Resident blocks per SM, from threads and shared memory (the runtime
-  // reserves 1 KiB of shared memory per block).
+  // Resident blocks per SM, from threads, registers (the launch bound lets
+  // the kernel use up to 128 per thread; it uses 95-128, see -Xptxas -v) and
+  // shared memory (the runtime reserves 1 KiB per block). In practice one.
   int64_t per_sm = limits.threads_per_sm / kSharedThreadsPerBlock;
+  const int64_t by_registers = limits.registers_per_sm / (kSharedThreadsPerBlock * 128);
+  if (by_registers < per_sm) per_sm = by_registers;
   const int64_t by_shared = limits.shared_per_sm / (budget + 1024);
   if (by_shared < per_sm) per_sm = by_shared;
   if (per_sm < 1) per_sm = 1;
