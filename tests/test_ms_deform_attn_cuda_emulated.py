@@ -2,11 +2,14 @@
 emulator in tests/cuda_emulation (no GPU needed; see msda_emu.h for what is
 and is not emulated), against the float64 reference.
 
-Every tensor the kernels touch sits inside a larger buffer: the margins of
-inputs hold NaN (a read out of bounds poisons the result) and inputs must
-stay bitwise unchanged; the margins of outputs hold a sentinel that must
-survive, and outputs start as NaN (every element must be written) except
-grad_value, which starts zeroed as the launcher requires.
+Every tensor the kernels touch sits inside a larger buffer fenced by
+inaccessible pages (cuda_emulation.Guarded): the margins of inputs hold NaN (a
+read out of bounds poisons the result) and inputs must stay bitwise
+unchanged; the margins of outputs hold a sentinel that must survive, and
+outputs start as NaN (every element must be written) except grad_value, which
+starts zeroed as the launcher requires. Each comparison runs every grad_value
+strategy the backward launcher offers. Replay a failure with the printed
+MSDA_TEST_SEED (it also seeds the emulated block and thread order).
 """
 import pytest
 import torch
@@ -39,10 +42,15 @@ def guarded_input(tensor, shift=0):
     return Guarded(tensor.shape, tensor.dtype, float("nan"), init=tensor, shift=shift)
 
 
+def strategies(emu):
+    """The backward's grad_value strategies: 0 only, unless the launcher takes a
+    strategy argument (then 0 = global atomics, 1 = shared-memory aggregation)."""
+    return [0, 1] if emu.backward_takes_strategy else [0]
+
+
 def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
-                 value_shift=0, output_shift=0, grad_output_shift=0, strategy="atomic"):
-    """Forward and backward (grad_value ``strategy`` "atomic" or "shared")
-    through the emulated kernels, checking every guard.
+                 value_shift=0, output_shift=0, grad_output_shift=0, strategy=0):
+    """Forward and backward through the emulated kernels, checking every guard.
 
     Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
     """
@@ -91,21 +99,30 @@ def random_inputs(dtype, shapes, batch, queries, heads, channels, points, genera
     return inputs, grad_output
 
 
-def assert_close_to_reference(actual, expected, dtype):
+def assert_close_to_reference(actual, expected, dtype, strategy=0):
     tolerance = TOLERANCES[dtype]
     for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_attention"), actual, expected):
-        assert torch.isfinite(got).all(), f"{name} has non-finite elements (unwritten, or NaN read from a margin)"
+        where = f"({dtype}, grad_value strategy {strategy})"
+        assert torch.isfinite(got).all(), f"{name} has non-finite elements (unwritten, or NaN read) {where}"
         error = max_abs_error_ratio(got, want)
-        assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} ({dtype})"
+        assert error <= tolerance, f"{name}: max error {error:.3g} x max|ref| > {tolerance:g} {where}"
 
 
-def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, strategy="atomic", **shifts):
+def new_generator(emu):
+    """A fresh input generator; its seed also seeds the emulator's block and thread order."""
     generator = fresh_generator()
+    emu.set_seed(generator.initial_seed())
+    return generator
+
+
+def check_case(emu, dtype, shapes, channels, points, batch=2, queries=9, heads=3, **shifts):
+    generator = new_generator(emu)
     inputs, grad_output = random_inputs(dtype, shapes, batch, queries, heads, channels, points, generator)
-    actual = run_emulated(emu, *inputs, grad_output, strategy=strategy, **shifts)
     expected = reference(*inputs, grad_output)
-    assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
-    assert_close_to_reference(actual, expected, dtype)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, *inputs, grad_output, strategy=strategy, **shifts)
+        assert actual[0].dtype == dtype and actual[2].dtype == acc_dtype(dtype)
+        assert_close_to_reference(actual, expected, dtype, strategy)
     return emu.take_launch_log()
 
 
@@ -123,74 +140,26 @@ CASES = [
     (64, ONE_LEVEL, 8),
     (71, FOUR_LEVELS, 2),
     ("large", [(2, 3), (1, 4)], 2),
-    # P = 8 (the forward's other template) and an odd P (runtime P, one
-    # sample at a time in the backward).
+    # P = 8 (the forward's other P template) and an odd P (runtime P; the
+    # backward takes one sample at a time).
     (32, FOUR_LEVELS, 8),
     (16, FOUR_LEVELS, 3),
 ]
-STRATEGIES = ["atomic", "shared"]
+BACKWARD_KERNELS = {0: "backward_atomic_kernel", 1: "backward_shared_kernel"}
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels, shapes, points", CASES, ids=lambda x: None)
-def test_matches_reference(emu, dtype, channels, shapes, points, strategy):
+@pytest.mark.parametrize("channels, shapes, points", CASES,
+                         ids=[f"C{c}-{len(s)}levels-P{p}" for c, s, p in CASES])
+def test_matches_reference(emu, dtype, channels, shapes, points):
     channels = LARGE_CHANNELS[dtype] if channels == "large" else channels
     # Large C: fewer rows (each runs 32 lanes), still more than one block.
     queries = 3 if channels > 100 else 9
-    log = check_case(emu, dtype, shapes, channels, points, queries=queries, strategy=strategy)
+    log = check_case(emu, dtype, shapes, channels, points, queries=queries)
     backward = [line for line in log if "backward" in line]
-    assert len(backward) == 1 and f"backward_{strategy}_kernel" in backward[0], log
-
-
-@pytest.fixture
-def small_device(emu):
-    """emu.set_device(sm_count, max_shared_optin_bytes) for one test, then back to the H100 default."""
-    yield emu.set_device
-    emu.set_device()
-
-
-def launch_grid_x(line):
-    return int(line.split("grid=(")[1].split(",")[0])
-
-
-@pytest.mark.parametrize("sm_count, optin, blocks", [
-    # pairs = B*H = 6 (batch, head); 64 rows per pass (C=32 fp32: 8 lanes a row), so Q=150 has at
-    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table); one 512-thread block
-    # per SM (registers).
-    (16, 227 * 1024, 12),  # 2 query slices per pair: 12 blocks split each pair's queries
-    (40, 227 * 1024, 18),  # at most 3 slices (one 64-query pass each): 18 blocks
-    (4, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
-    (3, 1600, 3),          # 1600 B: levels 3 and 2 (768 B each) in shared memory, levels 1 and 0 global
-    (3, 100, 3),           # room for the level table only: every level uses global atomics
-])
-def test_shared_strategy_on_small_devices(emu, small_device, sm_count, optin, blocks):
-    """Persistent blocks split the (batch, head, query slice) items, and the
-    levels that fit the shared budget (coarsest first) are aggregated on chip
-    while the others use global atomics: both give the reference's grad_value,
-    and grad_locations / grad_attention bitwise equal to the atomic strategy."""
-    small_device(sm_count, optin)
-    shapes = [(6, 7), (4, 6), (3, 2), (2, 3)]  # fp32, C=32: 5376, 3072, 768, 768 bytes per level
-    generator = fresh_generator()
-    inputs, grad_output = random_inputs(torch.float32, shapes, 2, 150, 3, 32, 4, generator)
-    emu.take_launch_log()
-    shared = run_emulated(emu, *inputs, grad_output, strategy="shared")
-    log = [line for line in emu.take_launch_log() if "backward" in line]
-    assert len(log) == 1 and "backward_shared_kernel" in log[0] and launch_grid_x(log[0]) == blocks, log
-    assert int(log[0].split("shared=")[1]) <= optin
-    atomic = run_emulated(emu, *inputs, grad_output, strategy="atomic")
-    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32)
-    assert torch.equal(shared[0], atomic[0])
-    assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
-    torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_shared_strategy_with_a_level_larger_than_the_budget(emu, small_device, dtype):
-    """A fine level far larger than the shared budget next to small coarse
-    ones (the realistic case: only the coarse levels fit)."""
-    small_device(7, 8 * 1024)
-    check_case(emu, dtype, [(30, 40), (5, 6), (2, 3)], 16, 4, batch=1, queries=70, heads=2, strategy="shared")
+    assert len(backward) == len(strategies(emu)), log
+    for strategy, line in zip(strategies(emu), backward):
+        assert BACKWARD_KERNELS[strategy] in line, log
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -207,7 +176,73 @@ def test_misaligned_buffers_use_narrower_vectors(emu, dtype, which):
 def test_many_blocks_and_rows(emu):
     """More rows than one block holds, with every category of sample."""
     log = check_case(emu, torch.float32, FOUR_LEVELS, 32, 4, batch=3, queries=40, heads=4)
-    assert all("grid=(" in line for line in log)
+    assert max(int(line.split("grid=(")[1].split(",")[0]) for line in log) > 1
+
+
+@pytest.fixture(scope="module")
+def small_emu():
+    """The same kernels on a small device (2 SMs, 48 KiB of shared memory per
+    block at most), so that launchers sizing grids or shared memory from the
+    device take their other paths (grid-stride loops, fallbacks)."""
+    try:
+        emulator = load_emulator(sm_count=2, max_shared_optin_bytes=48 * 1024)
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    emulator.take_launch_log()
+    return emulator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels, shapes, points", [(32, FOUR_LEVELS, 4), (71, [(16, 24), (8, 12)], 2)],
+                         ids=["C32-4levels", "C71-large-maps"])
+def test_matches_reference_on_a_small_device(small_emu, dtype, channels, shapes, points):
+    # 12 (batch, head) pairs on 2 SMs: persistent blocks loop over several work items.
+    check_case(small_emu, dtype, shapes, channels, points, batch=3, queries=24, heads=4)
+
+
+def launch_grid_x(line):
+    return int(line.split("grid=(")[1].split(",")[0])
+
+
+@pytest.mark.parametrize("sm_count, optin, blocks", [
+    # pairs = B*H = 6 (batch, head); 64 rows per pass (C=32 fp32: 8 lanes a row), so Q=150 has at
+    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table); one 512-thread block
+    # per SM (registers).
+    (16, 227 * 1024, 12),  # 2 query slices per pair: 12 blocks split each pair's queries
+    (40, 227 * 1024, 18),  # at most 3 slices (one 64-query pass each): 18 blocks
+    (4, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
+    (3, 1600, 3),          # 1600 B: levels 3 and 2 (768 B each) in shared memory, levels 1 and 0 global
+    (3, 100, 3),           # room for the level table only: every level uses global atomics
+])
+def test_shared_strategy_grid_and_budget(emu, sm_count, optin, blocks):
+    """Persistent blocks split the (batch, head, query slice) items, and the
+    levels that fit the shared budget (coarsest first) are aggregated on chip
+    while the others use global atomics: the reference's grad_value, and
+    output / grad_locations / grad_attention bitwise equal to the atomic
+    strategy's."""
+    if not emu.backward_takes_strategy:
+        pytest.skip("the backward launcher has no shared-memory strategy")
+    device = load_emulator(sm_count=sm_count, max_shared_optin_bytes=optin)
+    shapes = [(6, 7), (4, 6), (3, 2), (2, 3)]  # fp32, C=32: 5376, 3072, 768, 768 bytes per level
+    generator = new_generator(device)
+    inputs, grad_output = random_inputs(torch.float32, shapes, 2, 150, 3, 32, 4, generator)
+    device.take_launch_log()
+    shared = run_emulated(device, *inputs, grad_output, strategy=1)
+    log = [line for line in device.take_launch_log() if "backward" in line]
+    assert len(log) == 1 and "backward_shared_kernel" in log[0] and launch_grid_x(log[0]) == blocks, log
+    assert int(log[0].split("shared=")[1]) <= optin
+    atomic = run_emulated(device, *inputs, grad_output, strategy=0)
+    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32, 1)
+    assert torch.equal(shared[0], atomic[0])
+    assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
+    torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_a_level_larger_than_the_shared_budget(small_emu, dtype):
+    """A fine level far larger than the 48 KiB budget next to small coarse
+    ones (the realistic case: only the coarse levels fit on chip)."""
+    check_case(small_emu, dtype, [(30, 40), (5, 6), (2, 3)], 16, 4, batch=1, queries=70, heads=2)
 
 
 @pytest.mark.parametrize("batch, queries", [(0, 5), (2, 0)])
@@ -218,32 +253,34 @@ def test_empty_launches_nothing(emu, batch, queries):
     attention = torch.rand(batch, queries, 2, 4, 2)
     output = torch.empty(batch, queries, 16)
     emu.forward(value, spatial_shapes, level_start_index, locations, attention, output)
-    emu.backward(torch.empty(batch, queries, 16), value, spatial_shapes, level_start_index, locations, attention,
-                 torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention))
+    for strategy in strategies(emu):
+        emu.backward(torch.empty(batch, queries, 16), value, spatial_shapes, level_start_index, locations,
+                     attention, torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention),
+                     strategy=strategy)
     assert emu.take_launch_log() == []
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_untouched_nan_values_do_not_leak(emu, dtype, strategy):
+def test_untouched_nan_values_do_not_leak(emu, dtype):
     """NaN in value positions that no sample reads (a level sampled only
     outside the map, and extra positions past the last level) must not reach
     the output or any gradient."""
     shapes = [(4, 6), (3, 5)]
-    generator = fresh_generator()
+    generator = new_generator(emu)
     (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
         dtype, shapes, 2, 7, 3, 32, 4, generator)
     locations[:, :, :, 1] = -0.75  # pixel -4.25 on level 1: nothing is read there
     extra = 5
     poisoned = torch.cat([value, torch.zeros_like(value[:, :extra])], 1)
     poisoned[:, 24:] = float("nan")  # level 1 and the extra positions
-    actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output,
-                          strategy=strategy)
     clean = value.clone()
     clean[:, 24:] = 0
     expected = reference(clean, spatial_shapes, level_start_index, locations, attention, grad_output)
     expected = expected[:1] + (torch.cat([expected[1], torch.zeros_like(expected[1][:, :extra])], 1),) + expected[2:]
-    assert_close_to_reference(actual, expected, dtype)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, poisoned, spatial_shapes, level_start_index, locations, attention, grad_output,
+                              strategy=strategy)
+        assert_close_to_reference(actual, expected, dtype, strategy)
 
 
 @pytest.mark.parametrize("bad_shape, bad_start", [
@@ -256,21 +293,24 @@ def test_inconsistent_level_geometry_stays_in_bounds(emu, bad_shape, bad_start):
     """Level 1's shape or start does not fit value's S (a direct op call skips
     the wrapper's check): the kernels skip that level, reading and writing
     nothing out of bounds, and its sampling gradients are zero."""
-    generator = fresh_generator()
+    generator = new_generator(emu)
     (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
         torch.float32, [(4, 6), (3, 3)], 2, 6, 2, 8, 4, generator)
     bad_shapes = spatial_shapes.clone()
     bad_shapes[1] = torch.tensor(bad_shape)
     bad_starts = level_start_index.clone()
     bad_starts[1] = bad_start
-    actual = run_emulated(emu, value, bad_shapes, bad_starts, locations, attention, grad_output)
     level0 = (slice(None),) * 3 + (slice(0, 1),)
     expected = reference(value[:, :24], spatial_shapes[:1], level_start_index[:1], locations[level0],
                          attention[level0], grad_output)
     grad_value = torch.cat([expected[1], torch.zeros_like(value[:, 24:], dtype=torch.float64)], 1)
     grad_locations = torch.cat([expected[2], torch.zeros_like(expected[2])], 3)
     grad_attention = torch.cat([expected[3], torch.zeros_like(expected[3])], 3)
-    assert_close_to_reference(actual, (expected[0], grad_value, grad_locations, grad_attention), torch.float32)
+    for strategy in strategies(emu):
+        actual = run_emulated(emu, value, bad_shapes, bad_starts, locations, attention, grad_output,
+                              strategy=strategy)
+        assert_close_to_reference(actual, (expected[0], grad_value, grad_locations, grad_attention), torch.float32,
+                                  strategy)
 
 
 def test_unknown_value_type_is_an_error(emu):
@@ -455,3 +495,19 @@ def test_emulator_survives_a_thread_stack_overflow(selftest):
     out = torch.zeros(2)
     expect_error(selftest, selftest.lib.msda_emu_selftest_stack_overflow(ptr(out)), "cudaErrorIllegalAddress",
                  "stack overflow")
+
+
+def test_emulator_ends_an_endless_loop(selftest):
+    out = torch.zeros(32)
+    selftest.set_time_limit(0.5)
+    try:
+        expect_error(selftest, selftest.lib.msda_emu_selftest_endless_loop(ptr(out)), "cudaErrorLaunchTimeout",
+                     "time limit", "endless_loop_kernel")
+    finally:
+        selftest.set_time_limit(300)
+
+
+def test_emulator_turns_a_device_assert_into_a_launch_error(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_assert(ptr(out)), "cudaErrorAssert",
+                 "thread 7 must not get here", "thread (7,0,0)")

@@ -77,13 +77,6 @@ namespace {
 #define MSDA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
-// The shared-aggregation launch reads the device's attributes once per
-// device (0: on every launch; the CPU emulation, whose device changes between
-// tests, sets it so).
-#ifndef MSDA_CACHE_DEVICE_LIMITS
-#define MSDA_CACHE_DEVICE_LIMITS 1
-#endif
-
 constexpr int kThreadsPerBlock = 256;
 // The shared-aggregation kernel runs one big block per SM (its accumulator
 // takes most of the SM's shared memory), so the block is larger.
@@ -665,9 +658,7 @@ cudaError_t device_limits(DeviceLimits* limits) {
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error != cudaSuccess) return error;
-  if (!MSDA_CACHE_DEVICE_LIMITS || device < 0 || device >= kMaxCachedDevices) {
-    return query_device_limits(device, limits);
-  }
+  if (device < 0 || device >= kMaxCachedDevices) return query_device_limits(device, limits);
   if (!cached[device].load(std::memory_order_acquire)) {
     DeviceLimits fresh;
     error = query_device_limits(device, &fresh);

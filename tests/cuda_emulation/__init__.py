@@ -32,16 +32,16 @@ BUILD_ROOT = os.path.join(REPO, "build", "cuda_emulation")
 # (msda_emu.h provides the sanitizer's handler; no libubsan is linked);
 # -fstack-clash-protection makes a too-large stack frame touch the guard page
 # below a thread's stack instead of jumping past it.
-CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fsanitize=alignment",
-             "-fstack-clash-protection",
-             "-Wall", "-Wno-unknown-pragmas", "-Wl,--no-undefined"]
+CXX_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-fsanitize=alignment", "-fstack-clash-protection",
+             "-Wall", "-Wno-unknown-pragmas"]
+# Linked in a second step without -fsanitize, so libubsan is not pulled in.
+LINK_FLAGS = ["-shared", "-Wl,--no-undefined"]
 
 # detr_cuda::ValueType
 VALUE_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-# detr_cuda::GradValueStrategy (the values of $DETR_CUDA_MSDA_GRAD_VALUE)
-GRAD_VALUE_STRATEGIES = {"atomic": 0, "shared": 1}
 CUDA_ERRORS = {1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration", 700: "cudaErrorIllegalAddress",
-               716: "cudaErrorMisalignedAddress", 719: "cudaErrorLaunchFailure"}
+               702: "cudaErrorLaunchTimeout", 710: "cudaErrorAssert", 716: "cudaErrorMisalignedAddress",
+               719: "cudaErrorLaunchFailure"}
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -95,7 +95,7 @@ def build_library(name, source):
     cxx = compiler()
     include = cuda_include_dir()
     command = [cxx] + CXX_FLAGS + ["-I" + CSRC, "-I" + HERE, "-I" + include]
-    digest = hashlib.sha256(" ".join(command).encode())
+    digest = hashlib.sha256(" ".join(command + LINK_FLAGS).encode())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest.update(version.encode())
     for path in _sources_for(source):
@@ -105,23 +105,39 @@ def build_library(name, source):
     out_dir = os.path.join(BUILD_ROOT, digest.hexdigest()[:16])
     library = os.path.join(out_dir, f"lib{name}.so")
     if os.path.exists(library):
+        os.utime(out_dir)  # recently used: kept by _prune
         return library
     os.makedirs(out_dir, exist_ok=True)
     # Export only the msda_emu_* entry points.
     script = os.path.join(out_dir, f"{name}.map")
     with open(script, "w") as handle:
         handle.write("{ global: msda_emu_*; local: *; };\n")
-    # Build into a temporary name, then rename: concurrent runs never load half a file.
+    # Build into temporary names, then rename: concurrent runs never load half a file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    result = subprocess.run(command + [source, "-o", partial, f"-Wl,--version-script={script}"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(partial)
-        raise RuntimeError(f"building the CUDA emulation of {os.path.relpath(source, REPO)} failed:\n"
-                           + " ".join(command) + "\n" + result.stderr[-8000:])
-    os.replace(partial, library)
+    objects = partial[:-len(".so")] + ".o"
+    steps = [command + ["-c", source, "-o", objects],
+             [cxx] + LINK_FLAGS + [objects, "-o", partial, f"-Wl,--version-script={script}"]]
+    try:
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the CUDA emulation of {os.path.relpath(source, REPO)} failed:\n"
+                                   + " ".join(step) + "\n" + result.stderr[-8000:])
+        os.replace(partial, library)
+    finally:
+        for path in (objects, partial):
+            if os.path.exists(path):
+                os.unlink(path)
+    _prune(keep=12)
     return library
+
+
+def _prune(keep):
+    """Remove all but the ``keep`` newest build directories (a loaded library survives its unlinking)."""
+    dirs = sorted((os.path.join(BUILD_ROOT, d) for d in os.listdir(BUILD_ROOT)), key=os.path.getmtime, reverse=True)
+    for stale in dirs[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class EmulatedLibrary:
@@ -134,6 +150,7 @@ class EmulatedLibrary:
         self.lib.msda_emu_take_launch_log.restype = ctypes.c_char_p
         self.lib.msda_emu_set_device.argtypes = [ctypes.c_int, ctypes.c_int]
         self.lib.msda_emu_set_seed.argtypes = [ctypes.c_uint64]
+        self.lib.msda_emu_set_time_limit.argtypes = [ctypes.c_double]
 
     def last_error_message(self):
         return self.lib.msda_emu_last_error_message().decode()
@@ -144,6 +161,10 @@ class EmulatedLibrary:
 
     def set_device(self, sm_count=132, max_shared_optin_bytes=227 * 1024):
         self.lib.msda_emu_set_device(sm_count, max_shared_optin_bytes)
+
+    def set_time_limit(self, seconds):
+        """CPU seconds a launch may run before it fails with cudaErrorLaunchTimeout (default 300)."""
+        self.lib.msda_emu_set_time_limit(seconds)
 
     def set_seed(self, seed):
         self.lib.msda_emu_set_seed(seed)
@@ -217,6 +238,8 @@ class Emulator(EmulatedLibrary):
         sizes = [ctypes.c_int] + [ctypes.c_int64] * 7
         self.lib.msda_emu_forward.argtypes = sizes + [ctypes.c_void_p] * 6
         self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9 + [ctypes.c_int]
+        # The backward launcher may take a grad_value strategy (an enum) argument.
+        self.backward_takes_strategy = bool(self.lib.msda_emu_backward_has_strategy())
 
     @staticmethod
     def sizes(value, sampling_locations):
@@ -233,21 +256,39 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
     def backward(self, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy="atomic"):
+                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy=0):
         """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients.
 
-        ``strategy``: the grad_value strategy, "atomic" or "shared" (GRAD_VALUE_STRATEGIES).
+        ``strategy`` is passed, as the launcher's enum, when the launcher takes one.
         """
         code = self.lib.msda_emu_backward(
             VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(grad_output), _ptr(value),
             _ptr(spatial_shapes), _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights),
-            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), GRAD_VALUE_STRATEGIES[strategy])
+            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), strategy)
         self.check(code)
 
 
-def load_emulator():
-    """The operator's kernels, built (or reused) and loaded."""
-    return Emulator(build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp")))
+def load_emulator(sm_count=None, max_shared_optin_bytes=None):
+    """The operator's kernels, built (or reused) and loaded.
+
+    With ``sm_count`` / ``max_shared_optin_bytes``, a separate copy of the
+    library (its own static state: launchers may cache device attributes)
+    reports that device from its first cudaDeviceGetAttribute on.
+    """
+    path = build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp"))
+    if sm_count is None and max_shared_optin_bytes is None:
+        return Emulator(path)
+    sm_count = 132 if sm_count is None else sm_count
+    max_shared_optin_bytes = 227 * 1024 if max_shared_optin_bytes is None else max_shared_optin_bytes
+    variant = path[:-len(".so")] + f"-sm{sm_count}-shared{max_shared_optin_bytes}.so"
+    if not os.path.exists(variant):
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+        os.close(fd)
+        shutil.copyfile(path, partial)
+        os.replace(partial, variant)
+    emulator = Emulator(variant)
+    emulator.set_device(sm_count, max_shared_optin_bytes)
+    return emulator
 
 
 def load_library(name, source):

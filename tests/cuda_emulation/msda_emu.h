@@ -33,9 +33,12 @@
 //     warp waiting at different operations, lanes exited while others wait
 //     for them, a lane whose mask leaves itself out, a shuffle that reads a
 //     lane outside the mask, __syncthreads at different call sites, or any
-//     other deadlock. The emulator never hangs and never aborts the process.
+//     other deadlock. The emulator does not hang and does not abort the process:
 //   * Memory faults inside a kernel (SIGSEGV/SIGBUS/SIGFPE, including a
 //     thread stack overflow) end the launch with cudaErrorIllegalAddress; a
+//     device assert() ends it with cudaErrorAssert, __trap() with
+//     cudaErrorLaunchFailure, a launch running past its CPU-time limit (300 s,
+//     set_time_limit) with cudaErrorLaunchTimeout; a
 //     misaligned typed access (a 16-byte vector load from an 8-byte aligned
 //     pointer, say) ends it with cudaErrorMisalignedAddress, when the file is
 //     compiled with -fsanitize=alignment (the test build does; this header
@@ -43,12 +46,19 @@
 //   * Dynamic shared memory (MSDA_DYNAMIC_SHARED) is filled with 0xFF bytes
 //     (NaN for every float type) at the start of every block, and a canary
 //     after the requested bytes must survive the block.
+//   * Errors: a launch error is left for cudaGetLastError (which clears it) as
+//     with <<<>>>; a kernel fault is sticky (every later launch fails) until
+//     reset_errors(), as a GPU context stays broken. Messages accumulate in
+//     g_message (msda_emu_last_error_message() in the C API).
 //   * Host runtime: cudaGetLastError, cudaPeekAtLastError, cudaGetDevice,
 //     cudaGetErrorString, cudaGetErrorName, cudaDeviceGetAttribute (an H100 by
 //     default: 132 SMs, 227 KiB opt-in shared memory per block, 228 KiB per SM,
 //     48 KiB default, 2048 threads and 65536 registers per SM, warp 32; change
-//     with msda_emu::set_device), cudaFuncSetAttribute. Any other runtime call
-//     fails to link (the build uses -Wl,--no-undefined), which names it.
+//     with msda_emu::set_device), cudaFuncSetAttribute (MaxDynamicSharedMemorySize
+//     per kernel, PreferredSharedMemoryCarveout accepted). An attribute not
+//     listed is cudaErrorInvalidValue with a message saying so; any other
+//     runtime call fails to link (the build uses -Wl,--no-undefined), naming it.
+//   * Kernel names in messages come from the library's ELF symbol table.
 //
 // What is NOT emulated
 //   * The memory model and timing: no caches, no reordering, no races between
@@ -60,19 +70,28 @@
 //     per process and carrying values from block to block (not poisoned).
 //     `extern __shared__` must be written as MSDA_DYNAMIC_SHARED.
 //   * __launch_bounds__ (ignored), streams (every launch is synchronous),
-//     out-of-bounds accesses that stay inside mapped memory (the tests put
-//     buffers between NaN / sentinel margins for that), register limits.
+//     register limits, and out-of-bounds accesses that stay inside mapped
+//     memory: the tests fence every buffer with NaN / sentinel margins and
+//     inaccessible pages (cuda_emulation.Guarded) for that.
+//   * Device-only intrinsics beyond those above (e.g. __fmaf_rn, __popc,
+//     vector atomics): add them here when a kernel needs them; the build
+//     fails with "was not declared" until then.
 //
 // Running the tests:  python -m pytest -q tests/test_ms_deform_attn_cuda_emulated.py
-// (tests/cuda_emulation/__init__.py builds the library with g++ into
-// build/cuda_emulation/<hash of the sources>/ and loads it with ctypes; the
-// tests skip when g++ or the CUDA headers are missing).
+// tests/cuda_emulation/__init__.py builds msda_emu_entry.cpp (this header +
+// csrc/cuda/ms_deform_attn_cuda.cu, exported as msda_emu_forward/_backward)
+// with g++ into build/cuda_emulation/<hash of every source>/ and loads it with
+// ctypes; msda_emu_selftest.cpp holds the emulator's own broken-kernel tests.
+// The tests skip when g++ or the CUDA headers (cuda_fp16.h) are missing.
+// MSDA_EMU_CSRC=/other/checkout/csrc runs another checkout's kernels;
+// MSDA_TEST_SEED=<seed> replays the inputs and the block/thread order.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <assert.h>
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <elf.h>
@@ -80,6 +99,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -259,7 +279,9 @@ struct Scheduler {
   uint64_t seed = 0x9E3779B97F4A7C15ull;
   std::vector<int> order;
   char* signal_stack = nullptr;
-  struct sigaction previous[3];  // SIGSEGV, SIGBUS, SIGFPE outside launches
+  struct sigaction previous[4];  // SIGSEGV, SIGBUS, SIGFPE, SIGVTALRM outside launches
+  double time_limit_seconds = 300;  // CPU seconds per launch (an endless loop ends as a launch error)
+  volatile sig_atomic_t timed_out = 0;
 };
 inline Scheduler g_sched;
 inline std::mutex g_launch_mutex;
@@ -352,11 +374,23 @@ __attribute__((noinline)) inline void syncthreads_at(const void* site) {
 }
 
 // --------------------------------------------------------------- faults ----
+inline std::string time_limit_text() {
+  char text[160];
+  std::snprintf(text, sizeof(text), "msda_emu: the launch ran past its time limit of %g CPU seconds (an endless loop?)",
+                g_sched.time_limit_seconds);
+  return text;
+}
+
 inline void signal_handler(int signal, siginfo_t* info, void*) {
+  if (signal == SIGVTALRM) {
+    g_sched.timed_out = 1;  // the scheduler checks it between fibers
+    if (in_kernel()) fault_in_fiber(cudaErrorLaunchTimeout, time_limit_text() + " (" + where() + ")");
+    return;
+  }
   if (!in_kernel()) {
     // Not a kernel's fault: restore the previous handler and let the
     // faulting instruction run again under it.
-    const int which = signal == SIGSEGV ? 0 : signal == SIGBUS ? 1 : 2;
+    const int which = signal == SIGSEGV ? 0 : signal == SIGBUS ? 1 : 2;  // (SIGVTALRM returned above)
     sigaction(signal, &g_sched.previous[which], nullptr);
     return;
   }
@@ -594,6 +628,12 @@ inline bool run_block(uint3 block_index) {
       swapcontext(&g_sched.scheduler_context, &g_sched.threads[i].context);
       g_sched.current = -1;
       if (g_sched.fault) return false;
+      if (g_sched.timed_out) {
+        report(time_limit_text() + " (" + kernel_name(launch.kernel) + ", " + block_text(block_index) + ")");
+        g_sched.fault = true;
+        g_sched.fault_code = cudaErrorLaunchTimeout;
+        return false;
+      }
     }
   }
   for (size_t i = 0; i < kCanaryBytes; ++i) {
@@ -638,7 +678,8 @@ inline cudaError_t run_launch(const Launch& launch) {
     return launch_error(cudaErrorInvalidConfiguration, "invalid grid size " + dim_text(g) + " for " + name);
   }
   const auto raised = max_dynamic_shared().find(launch.kernel);
-  const size_t limit = raised != max_dynamic_shared().end() ? size_t(raised->second) : kDefaultSharedPerBlock;
+  const size_t limit = raised != max_dynamic_shared().end() ? size_t(raised->second)
+                                                            : std::min(kDefaultSharedPerBlock, size_t(g_device.max_shared_optin));
   if (launch.shared_bytes > limit || launch.shared_bytes > size_t(g_device.max_shared_optin)) {
     return launch_error(cudaErrorInvalidValue,
                         "dynamic shared memory of " + std::to_string(launch.shared_bytes) + " bytes for " + name +
@@ -663,6 +704,12 @@ inline cudaError_t run_launch(const Launch& launch) {
   sigaction(SIGSEGV, &action, &g_sched.previous[0]);
   sigaction(SIGBUS, &action, &g_sched.previous[1]);
   sigaction(SIGFPE, &action, &g_sched.previous[2]);
+  sigaction(SIGVTALRM, &action, &g_sched.previous[3]);
+  g_sched.timed_out = 0;
+  itimerval timer{}, previous_timer{};
+  timer.it_value.tv_sec = static_cast<time_t>(g_sched.time_limit_seconds);
+  timer.it_value.tv_usec = static_cast<suseconds_t>((g_sched.time_limit_seconds - timer.it_value.tv_sec) * 1e6);
+  setitimer(ITIMER_VIRTUAL, &timer, &previous_timer);
 
   g_sched.launch = &launch;
   g_sched.num_threads = static_cast<int>(threads);
@@ -685,6 +732,8 @@ inline cudaError_t run_launch(const Launch& launch) {
   sigaction(SIGSEGV, &g_sched.previous[0], nullptr);
   sigaction(SIGBUS, &g_sched.previous[1], nullptr);
   sigaction(SIGFPE, &g_sched.previous[2], nullptr);
+  setitimer(ITIMER_VIRTUAL, &previous_timer, nullptr);
+  sigaction(SIGVTALRM, &g_sched.previous[3], nullptr);
   sigaltstack(&old_signal_stack, nullptr);
   g_sched.launch = nullptr;
   if (g_sched.fault) {
@@ -736,6 +785,8 @@ inline void set_device(int sm_count, int max_shared_optin) {
   g_device.sm_count = sm_count;
   g_device.max_shared_optin = std::min<int>(max_shared_optin, static_cast<int>(kSharedCapacity));
 }
+
+inline void set_time_limit(double seconds) { g_sched.time_limit_seconds = seconds > 0 ? seconds : 300; }
 
 inline void set_seed(uint64_t seed) { g_sched.seed = seed ^ 0x9E3779B97F4A7C15ull; }
 
@@ -813,6 +864,25 @@ inline T atomicMin(T* address, T v) { const T old = *address; *address = v < old
 template <typename T>
 inline T __ldg(const T* address) { return *address; }
 
+// A failed device assert() or __trap() ends the launch (cudaErrorAssert /
+// cudaErrorLaunchFailure) instead of aborting the process; assert() in host
+// code still aborts.
+extern "C" inline void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                     const char* function) noexcept {
+  if (msda_emu::in_kernel()) {
+    msda_emu::fault_in_fiber(cudaErrorAssert, "msda_emu: device assertion `" + std::string(assertion) + "` failed at " +
+                                                   file + ":" + std::to_string(line) + " in " + function + " (" +
+                                                   msda_emu::where() + ")");
+  }
+  std::fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
+  std::abort();
+}
+
+[[noreturn]] inline void __trap() {
+  msda_emu::require_in_kernel("__trap");
+  msda_emu::fault_in_fiber(cudaErrorLaunchFailure, "msda_emu: __trap() (" + msda_emu::where() + ")");
+}
+
 // ---------------------------------------------------------- CUDA runtime ---
 // Hidden visibility (the build passes -fvisibility=hidden): a real libcudart
 // in the same process can neither see nor replace these.
@@ -840,6 +910,8 @@ inline const char* cudaGetErrorName(cudaError_t error) {
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorLaunchTimeout: return "cudaErrorLaunchTimeout";
+    case cudaErrorAssert: return "cudaErrorAssert";
     default: return "cudaError (other)";
   }
 }
@@ -856,7 +928,9 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMultiProcessorCount: *value = d.sm_count; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.max_shared_optin; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.max_shared_optin + 1024; break;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(msda_emu::kDefaultSharedPerBlock); break;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = std::min(static_cast<int>(msda_emu::kDefaultSharedPerBlock), d.max_shared_optin);
+      break;
     case cudaDevAttrMaxThreadsPerMultiProcessor: *value = 2048; break;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
     case cudaDevAttrMaxBlocksPerMultiprocessor: *value = 32; break;

@@ -9,6 +9,11 @@ extern "C" __attribute__((visibility("default"))) void msda_emu_set_device(int s
   msda_emu::set_device(sm_count, max_shared_optin_bytes);
 }
 
+// CPU seconds one launch may take before it fails with cudaErrorLaunchTimeout.
+extern "C" __attribute__((visibility("default"))) void msda_emu_set_time_limit(double seconds) {
+  msda_emu::set_time_limit(seconds);
+}
+
 // Seed of the block and thread scheduling order.
 extern "C" __attribute__((visibility("default"))) void msda_emu_set_seed(uint64_t seed) { msda_emu::set_seed(seed); }
 

@@ -145,7 +145,31 @@ __global__ void stack_overflow_kernel(float* out, int index) {
   out[threadIdx.x] = big[index];
 }
 
+__global__ void endless_loop_kernel(float* out) {
+  volatile int spin = 1;
+  while (spin) {
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void assert_kernel(float* out) {
+  assert(threadIdx.x != 7 && "thread 7 must not get here");
+  out[threadIdx.x] = 1.0f;
+}
+
 }  // namespace
+
+SELFTEST int msda_emu_selftest_endless_loop(float* out) {
+  const auto kernel = endless_loop_kernel;
+  MSDA_LAUNCH(kernel, 1, 32, 0, nullptr)(out);
+  return finish();
+}
+
+SELFTEST int msda_emu_selftest_assert(float* out) {
+  const auto kernel = assert_kernel;
+  MSDA_LAUNCH(kernel, 1, 32, 0, nullptr)(out);
+  return finish();
+}
 
 SELFTEST int msda_emu_selftest_semantics(float* out, int* counter, int x, int y, int z) {
   const auto kernel = semantics_kernel;
