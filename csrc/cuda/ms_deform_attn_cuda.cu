@@ -459,7 +459,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 2)
 // geometry read from spatial_shapes on the device); the others use global
 // atomics. Per item: zero the used accumulator, run the slice's rows (all
 // threads the same number of passes, padding rows invalid), flush every
-// nonzero accumulator element to global memory with one atomic add.
+// channel vector with a nonzero sum to global memory with one (vector)
+// atomic add.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kSharedThreadsPerBlock, 1)
     backward_shared_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
@@ -527,21 +528,28 @@ __global__ void __launch_bounds__(kSharedThreadsPerBlock, 1)
     }
     __syncthreads();
 
-    // Flush: shared element e of a level is position e / C, transposed
-    // channel e % C = j * vectors + vec, i.e. channel vec * VEC + j.
+    // Flush, one channel vector (position, vec) per thread and step: its VEC
+    // sums sit at position * C + j * vectors + vec (transposed layout) and go
+    // to global memory as one vector atomic (sm_90), unless all are zero.
     for (int64_t l = 0; l < sz.num_levels; ++l) {
       const int offset = level_offset[l];
       if (offset < 0) continue;
-      const int elements = static_cast<int>(spatial_shapes[2 * l] * spatial_shapes[2 * l + 1] * sz.channels);
+      const int level_vectors = static_cast<int>(spatial_shapes[2 * l] * spatial_shapes[2 * l + 1]) * vectors;
       const int64_t level_row = value_row(sz, b, level_start_index[l], 0, head);
-      for (int e = threadIdx.x; e < elements; e += blockDim.x) {
-        const acc_t sum = shared_acc[offset + e];
-        if (sum == acc_t(0)) continue;
-        const int position = e / static_cast<int>(sz.channels);
-        const int transposed = e - position * static_cast<int>(sz.channels);
-        const int j = transposed / vectors;
-        const int vec = transposed - j * vectors;
-        atomicAdd(grad_value + level_row + int64_t(position) * sz.num_heads * sz.channels + vec * VEC + j, sum);
+      for (int e = threadIdx.x; e < level_vectors; e += blockDim.x) {
+        const int position = e / vectors;
+        const int vec = e - position * vectors;
+        const acc_t* src = shared_acc + offset + position * static_cast<int>(sz.channels) + vec;
+        acc_t sums[VEC];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          sums[j] = src[j * vectors];
+          any = any || sums[j] != acc_t(0);
+        }
+        if (!any) continue;
+        atomic_add_global<VEC>(grad_value + level_row + int64_t(position) * sz.num_heads * sz.channels + vec * VEC,
+                               sums);
       }
     }
     __syncthreads();  // the next item zeroes the accumulator
