@@ -26,6 +26,11 @@ forward+backward minus the resident set before it, in a fresh subprocess per
 row with glibc's mmap threshold fixed at 64 KiB so that freed large blocks
 leave the resident set.
 
+Backends: cpu, cuda, reference, original (with --baseline), and
+cuda-shared: the cuda backend with the shared-memory grad_value strategy
+(DETR_CUDA_MSDA_GRAD_VALUE=shared, set around each call; the cuda row sets
+atomic), so that both backward strategies are timed side by side.
+
 --baseline PATH imports an ALREADY BUILT original Deformable DETR extension
 (MultiScaleDeformableAttention*.so, built outside this repository) by path and
 times it beside ours on CUDA. This script never builds it.
@@ -36,6 +41,7 @@ Examples:
     python benchmarks/bench_msda.py --device cuda --baseline ~/dd_ops/MultiScaleDeformableAttention.cpython-311-x86_64-linux-gnu.so
 """
 import argparse
+import contextlib
 import datetime
 import importlib.machinery
 import importlib.util
@@ -119,25 +125,54 @@ def make_inputs(shape_name, dtype, device, distribution="realistic", seed=0):
 
 # ---------------------------------------------------------------- backends
 
+GRAD_VALUE_ENV_VAR = "DETR_CUDA_MSDA_GRAD_VALUE"
+# Benchmark backend name -> (op backend, CUDA grad_value strategy or None).
+OUR_BACKENDS = {"cpu": ("cpu", None), "reference": ("reference", None), "cuda": ("cuda", "atomic"),
+                "cuda-shared": ("cuda", "shared")}
+
+
+@contextlib.contextmanager
+def grad_value_strategy(strategy):
+    """Sets $DETR_CUDA_MSDA_GRAD_VALUE for the duration (None: leave it alone)."""
+    if strategy is None:
+        yield
+        return
+    previous = os.environ.get(GRAD_VALUE_ENV_VAR)
+    os.environ[GRAD_VALUE_ENV_VAR] = strategy
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[GRAD_VALUE_ENV_VAR]
+        else:
+            os.environ[GRAD_VALUE_ENV_VAR] = previous
+
+
 class OursBackend:
     def __init__(self, name):
         self.name = name
+        self.op_backend, self.strategy = OUR_BACKENDS[name]
 
     def forward(self, inputs):
         with torch.no_grad():
-            return ms_deform_attn(*inputs, backend=self.name)
+            return ms_deform_attn(*inputs, backend=self.op_backend)
 
     def prepare_backward(self, inputs, grad_output):
         leaves = [inputs[0].detach().requires_grad_(), inputs[3].detach().requires_grad_(),
                   inputs[4].detach().requires_grad_()]
-        output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.name)
-        return lambda: torch.autograd.grad(output, leaves, grad_output)
+        output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.op_backend)
+
+        def backward():
+            with grad_value_strategy(self.strategy):  # the CUDA glue reads it when the backward runs
+                return torch.autograd.grad(output, leaves, grad_output)
+        return backward
 
     def forward_backward(self, inputs, grad_output):
         leaves = [inputs[0].detach().requires_grad_(), inputs[3].detach().requires_grad_(),
                   inputs[4].detach().requires_grad_()]
-        output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.name)
-        return torch.autograd.grad(output, leaves, grad_output)
+        with grad_value_strategy(self.strategy):
+            output = ms_deform_attn(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2], backend=self.op_backend)
+            return torch.autograd.grad(output, leaves, grad_output)
 
 
 class BaselineBackend:
@@ -171,7 +206,9 @@ def backend_runs(backend_name, dtype, device, baseline):
         return baseline is not None and device == "cuda" and dtype in (torch.float32, torch.float64)
     if backend_name == "reference":
         return dtype != torch.float16 or device == "cuda"
-    return backend_name in functional.available_backends(device)
+    if backend_name not in OUR_BACKENDS:
+        return False
+    return OUR_BACKENDS[backend_name][0] in functional.available_backends(device)
 
 
 # ------------------------------------------------------------------ timing
@@ -317,8 +354,9 @@ def main():
                         help="default: enc320 dec300 dec900 on CPU (enc800 is minutes there), all on a GPU")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: float32 on CPU; float32 bfloat16 float16 on a GPU")
-    parser.add_argument("--backends", nargs="+", default=None,
-                        help="default: every available one of cuda/cpu, reference, original (with --baseline)")
+    parser.add_argument("--backends", nargs="+", choices=sorted(OUR_BACKENDS) + ["original"], default=None,
+                        help="default: every available one of cuda and cuda-shared (GPU) or cpu, reference, "
+                             "original (with --baseline)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default CPU 5, GPU 50)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions (default CPU 1, GPU 10)")
     parser.add_argument("--distribution", choices=["realistic", "uniform"], default="realistic")
@@ -335,8 +373,8 @@ def main():
     on_gpu = device == "cuda"
     shapes = args.shapes or (sorted(SHAPES) if on_gpu else ["enc320", "dec300", "dec900"])
     dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if on_gpu else ["float32"])
-    backends = args.backends or (["original"] if args.baseline else []) + (["cuda"] if on_gpu else ["cpu"]) + [
-        "reference"]
+    backends = args.backends or (["original"] if args.baseline else []) + (
+        ["cuda", "cuda-shared"] if on_gpu else ["cpu"]) + ["reference"]
     reps = args.reps or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     baseline = BaselineBackend(os.path.expanduser(args.baseline)) if args.baseline else None

@@ -46,3 +46,19 @@ def test_inputs_are_valid_and_realistic(bench, shape_name):
         pixel_y = locations[:, :height * width, 0, 0, 0, 1] * height - 0.5 - (level0 // width)
         assert pixel_x.mean().item() == pytest.approx(1.0, abs=0.05)
         assert pixel_y.mean().item() == pytest.approx(0.0, abs=0.05)
+
+
+def test_cuda_shared_backend_sets_the_strategy_only_around_its_calls(bench, monkeypatch):
+    monkeypatch.setenv(bench.GRAD_VALUE_ENV_VAR, "atomic")
+    seen = []
+    with bench.grad_value_strategy("shared"):
+        seen.append(os.environ[bench.GRAD_VALUE_ENV_VAR])
+    assert seen == ["shared"] and os.environ[bench.GRAD_VALUE_ENV_VAR] == "atomic"
+    monkeypatch.delenv(bench.GRAD_VALUE_ENV_VAR)
+    with bench.grad_value_strategy("shared"):
+        pass
+    assert bench.GRAD_VALUE_ENV_VAR not in os.environ
+    assert bench.OursBackend("cuda-shared").op_backend == "cuda"
+    # A CPU machine has no cuda rows, and the cpu row leaves the variable alone.
+    assert not bench.backend_runs("cuda-shared", torch.float32, "cpu", None)
+    assert bench.OursBackend("cpu").strategy is None

@@ -1,5 +1,9 @@
 """The compiled CUDA kernel. Skipped unless a GPU is visible and detr_cuda._C
-was built with CUDA."""
+was built with CUDA.
+
+Tests that exercise grad_value run under both backward strategies
+($DETR_CUDA_MSDA_GRAD_VALUE = atomic | shared): the `strategy` fixture sets it.
+"""
 import pytest
 import torch
 
@@ -11,14 +15,25 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU and detr_cuda._C built with CUDA")
 
 
+GRAD_VALUE_ENV_VAR = "DETR_CUDA_MSDA_GRAD_VALUE"
+STRATEGIES = ("atomic", "shared")
+
+
 def cuda_op(*inputs):
     return ms_deform_attn(*inputs, backend="cuda")
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request, monkeypatch):
+    """Runs the test under each grad_value strategy of the CUDA backward."""
+    monkeypatch.setenv(GRAD_VALUE_ENV_VAR, request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("shapes, channels, points", [
     (ONE_LEVEL, 8, 1), (ONE_LEVEL, 8, 8), (FOUR_LEVELS, 8, 4), (FOUR_LEVELS, 1, 2), (FOUR_LEVELS, 30, 2),
     (FOUR_LEVELS, 32, 2), (FOUR_LEVELS, 64, 2), (FOUR_LEVELS, 71, 2)])
-def test_gradcheck_float64(shapes, channels, points):
+def test_gradcheck_float64(shapes, channels, points, strategy):
     value, spatial_shapes, level_start_index, locations, attention = make_inputs(
         shapes, 1, 2, 2, channels, points, device="cuda", generator=fresh_generator())
     inputs = tuple(t.requires_grad_() for t in (value, locations, attention))
@@ -30,9 +45,9 @@ def test_gradcheck_float64(shapes, channels, points):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shapes, channels, points", [
-    (FOUR_LEVELS, 32, 4), (FOUR_LEVELS, 30, 8), (ONE_LEVEL, 71, 1), ([(1, 17), (9, 1)], 8, 4),
-    (FOUR_LEVELS, 256, 4)])
-def test_matches_reference(dtype, shapes, channels, points):
+    (FOUR_LEVELS, 32, 4), (FOUR_LEVELS, 30, 8), (FOUR_LEVELS, 32, 8), (ONE_LEVEL, 71, 1), ([(1, 17), (9, 1)], 8, 4),
+    (FOUR_LEVELS, 256, 4), (FOUR_LEVELS, 16, 3)])
+def test_matches_reference(dtype, shapes, channels, points, strategy):
     check_against_reference(cuda_op, "cuda", dtype, shapes, batch=3, queries=45, heads=3, channels=channels,
                             points=points, generator=fresh_generator())
 
@@ -44,7 +59,7 @@ def test_matches_cpu_kernel_float32():
     torch.testing.assert_close(actual.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_large_batch_has_no_32_bit_overflow():
+def test_large_batch_has_no_32_bit_overflow(strategy):
     # value has B*S*H*C = 520 * 16384 * 256 > 2**31 elements; the last image's
     # rows sit past every 32-bit offset.
     shapes = [(128, 128)]
@@ -97,7 +112,7 @@ def test_non_contiguous_and_misaligned_value():
     torch.testing.assert_close(cuda_op(shifted, *inputs[1:]), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_forward_is_deterministic_and_backward_nearly_so():
+def test_forward_is_deterministic_and_backward_nearly_so(strategy):
     inputs = make_inputs(FOUR_LEVELS, 2, 100, 8, 32, 4, dtype=torch.float32, device="cuda",
                          generator=fresh_generator())
 
@@ -111,6 +126,64 @@ def test_forward_is_deterministic_and_backward_nearly_so():
     assert torch.equal(first[0], second[0])          # forward: bitwise
     assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])  # loc/attn grads: one writer
     torch.testing.assert_close(first[1], second[1], rtol=1e-6, atol=1e-6)  # grad_value: atomics order
+
+
+def test_strategies_agree_with_a_level_too_big_for_shared_memory(monkeypatch):
+    # Level 0 (C=32 fp32: 300*400*32*4 B = 15 MB) never fits a block's shared
+    # memory, the small levels do: the shared strategy mixes both paths.
+    shapes = [(300, 400), (9, 7), (4, 6), (2, 3)]
+    inputs = make_inputs(shapes, 2, 300, 4, 32, 4, dtype=torch.float32, device="cuda",
+                         generator=fresh_generator())
+    results = {}
+    for name in STRATEGIES:
+        monkeypatch.setenv(GRAD_VALUE_ENV_VAR, name)
+        leaves = [t.detach().clone().requires_grad_() for t in (inputs[0], inputs[3], inputs[4])]
+        output = cuda_op(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2])
+        output.backward(torch.ones_like(output))
+        results[name] = [leaf.grad for leaf in leaves]
+    atomic, shared = results["atomic"], results["shared"]
+    torch.testing.assert_close(shared[0], atomic[0], rtol=1e-5, atol=1e-5)
+    # grad_locations / grad_attention do not depend on the strategy at all.
+    assert torch.equal(shared[1], atomic[1]) and torch.equal(shared[2], atomic[2])
+
+
+def test_unknown_grad_value_strategy_raises(monkeypatch):
+    inputs = make_inputs(FOUR_LEVELS, 1, 4, 2, 8, 2, dtype=torch.float32, device="cuda",
+                         generator=fresh_generator())
+    value = inputs[0].requires_grad_()
+    output = cuda_op(value, *inputs[1:])
+    monkeypatch.setenv(GRAD_VALUE_ENV_VAR, "fast")
+    with pytest.raises(RuntimeError, match="DETR_CUDA_MSDA_GRAD_VALUE must be 'atomic'.*or 'shared'.*got 'fast'"):
+        output.sum().backward()
+
+
+def test_unread_nan_at_the_clamped_corner_position_does_not_leak(strategy):
+    # Off-map corners are loaded from position 0 of their level and then
+    # zeroed. Samples here never read position 0 on the map (the reference
+    # does not read it), but their off-map corners are clamped onto it.
+    height, width = 4, 5
+    shapes = [(height, width)]
+    generator = fresh_generator()
+    value, spatial_shapes, level_start_index, _, attention = make_inputs(
+        shapes, 1, 40, 2, 32, 4, dtype=torch.float32, device="cuda", generator=generator)
+    # Pixel x in (W-1, W) (right border: corner x0+1 is off the map) or beyond
+    # the window (inactive); pixel y in [1, H-1).
+    px = torch.where(torch.rand(1, 40, 2, 1, 4, generator=generator) < 0.5,
+                     width - 1 + 0.1 + 0.8 * torch.rand(1, 40, 2, 1, 4, generator=generator),
+                     width + 0.5 + torch.rand(1, 40, 2, 1, 4, generator=generator))
+    py = 1.1 + (height - 2.2) * torch.rand(1, 40, 2, 1, 4, generator=generator)
+    locations = torch.stack([(px + 0.5) / width, (py + 0.5) / height], -1).to("cuda")
+    poisoned = value.clone()
+    poisoned[:, 0] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (poisoned, locations, attention)]
+    output = cuda_op(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+    output.backward(torch.ones_like(output))
+    expected = ms_deform_attn_reference(value.cpu().double(), spatial_shapes.cpu(), level_start_index.cpu(),
+                                        locations.cpu().double(), attention.cpu().double())
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -140,7 +140,12 @@ CASES = [
     (64, ONE_LEVEL, 8),
     (71, FOUR_LEVELS, 2),
     ("large", [(2, 3), (1, 4)], 2),
+    # P = 8 (the forward's other P template) and an odd P (runtime P; the
+    # backward takes one sample at a time).
+    (32, FOUR_LEVELS, 8),
+    (16, FOUR_LEVELS, 3),
 ]
+BACKWARD_KERNELS = {0: "backward_atomic_kernel", 1: "backward_shared_kernel"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -150,7 +155,11 @@ def test_matches_reference(emu, dtype, channels, shapes, points):
     channels = LARGE_CHANNELS[dtype] if channels == "large" else channels
     # Large C: fewer rows (each runs 32 lanes), still more than one block.
     queries = 3 if channels > 100 else 9
-    check_case(emu, dtype, shapes, channels, points, queries=queries)
+    log = check_case(emu, dtype, shapes, channels, points, queries=queries)
+    backward = [line for line in log if "backward" in line]
+    assert len(backward) == len(strategies(emu)), log
+    for strategy, line in zip(strategies(emu), backward):
+        assert BACKWARD_KERNELS[strategy] in line, log
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -189,6 +198,51 @@ def small_emu():
 def test_matches_reference_on_a_small_device(small_emu, dtype, channels, shapes, points):
     # 12 (batch, head) pairs on 2 SMs: persistent blocks loop over several work items.
     check_case(small_emu, dtype, shapes, channels, points, batch=3, queries=24, heads=4)
+
+
+def launch_grid_x(line):
+    return int(line.split("grid=(")[1].split(",")[0])
+
+
+@pytest.mark.parametrize("sm_count, optin, blocks", [
+    # pairs = B*H = 6 (batch, head); 64 rows per pass (C=32 fp32: 8 lanes a row), so Q=150 has at
+    # most 3 slices. All levels take S*C*4 = 9984 B (+32 B of level table); one 512-thread block
+    # per SM (registers).
+    (16, 227 * 1024, 12),  # 2 query slices per pair: 12 blocks split each pair's queries
+    (40, 227 * 1024, 18),  # at most 3 slices (one 64-query pass each): 18 blocks
+    (4, 227 * 1024, 4),    # fewer resident blocks than pairs: 4 blocks loop over 6 items
+    (3, 1600, 3),          # 1600 B: levels 3 and 2 (768 B each) in shared memory, levels 1 and 0 global
+    (3, 100, 3),           # room for the level table only: every level uses global atomics
+])
+def test_shared_strategy_grid_and_budget(emu, sm_count, optin, blocks):
+    """Persistent blocks split the (batch, head, query slice) items, and the
+    levels that fit the shared budget (coarsest first) are aggregated on chip
+    while the others use global atomics: the reference's grad_value, and
+    output / grad_locations / grad_attention bitwise equal to the atomic
+    strategy's."""
+    if not emu.backward_takes_strategy:
+        pytest.skip("the backward launcher has no shared-memory strategy")
+    device = load_emulator(sm_count=sm_count, max_shared_optin_bytes=optin)
+    shapes = [(6, 7), (4, 6), (3, 2), (2, 3)]  # fp32, C=32: 5376, 3072, 768, 768 bytes per level
+    generator = new_generator(device)
+    inputs, grad_output = random_inputs(torch.float32, shapes, 2, 150, 3, 32, 4, generator)
+    device.take_launch_log()
+    shared = run_emulated(device, *inputs, grad_output, strategy=1)
+    log = [line for line in device.take_launch_log() if "backward" in line]
+    assert len(log) == 1 and "backward_shared_kernel" in log[0] and launch_grid_x(log[0]) == blocks, log
+    assert int(log[0].split("shared=")[1]) <= optin
+    atomic = run_emulated(device, *inputs, grad_output, strategy=0)
+    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32, 1)
+    assert torch.equal(shared[0], atomic[0])
+    assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
+    torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_a_level_larger_than_the_shared_budget(small_emu, dtype):
+    """A fine level far larger than the 48 KiB budget next to small coarse
+    ones (the realistic case: only the coarse levels fit on chip)."""
+    check_case(small_emu, dtype, [(30, 40), (5, 6), (2, 3)], 16, 4, batch=1, queries=70, heads=2)
 
 
 @pytest.mark.parametrize("batch, queries", [(0, 5), (2, 0)])

@@ -23,6 +23,20 @@ namespace detr_cuda {
 
 enum class ValueType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
+// How the backward accumulates grad_value (the torch glue reads it from
+// $DETR_CUDA_MSDA_GRAD_VALUE: "atomic", the default, or "shared").
+//   kGlobalAtomics      every contribution is an atomic add to global memory
+//                       (float4 / float2 vector atomics on sm_90).
+//   kSharedAggregation  head-major persistent blocks, one (batch, head) and a
+//                       slice of queries each, accumulate the coarsest levels
+//                       that fit their dynamic shared memory on chip and
+//                       flush them once per block; the other levels use
+//                       global atomics. Falls back to kGlobalAtomics when not
+//                       even the per-level table fits (thousands of levels).
+// Both give the same grad_value up to float summation order; grad_locations
+// and grad_attention are bitwise identical between them.
+enum class GradValueStrategy { kGlobalAtomics, kSharedAggregation };
+
 cudaError_t ms_deform_attn_forward_cuda_launch(ValueType value_type, const MsdaSizes& sizes, const void* value,
                                                const int64_t* spatial_shapes, const int64_t* level_start_index,
                                                const void* sampling_locations, const void* attention_weights,
@@ -30,11 +44,14 @@ cudaError_t ms_deform_attn_forward_cuda_launch(ValueType value_type, const MsdaS
 
 // grad_value_acc accumulates with atomics: its result is not bitwise
 // deterministic from run to run (grad_locations and grad_attention are).
+// The shared strategy queries the device's SM count and shared-memory limits
+// once per device (cudaDeviceGetAttribute) and may raise the kernel's dynamic
+// shared-memory limit (cudaFuncSetAttribute); neither syncs with the device.
 cudaError_t ms_deform_attn_backward_cuda_launch(ValueType value_type, const MsdaSizes& sizes,
                                                 const void* grad_output, const void* value,
                                                 const int64_t* spatial_shapes, const int64_t* level_start_index,
                                                 const void* sampling_locations, const void* attention_weights,
                                                 void* grad_value_acc, void* grad_locations, void* grad_attention,
-                                                cudaStream_t stream);
+                                                GradValueStrategy strategy, cudaStream_t stream);
 
 }  // namespace detr_cuda

@@ -1,8 +1,12 @@
 // Torch glue for the CUDA kernels (compiled only WITH_CUDA): device guard,
-// current stream, output allocation, and every launch's error raised.
+// current stream, output allocation, the backward's grad_value strategy
+// ($DETR_CUDA_MSDA_GRAD_VALUE), and every launch's error raised.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/ms_deform_attn_cuda.h"
 #include "ms_deform_attn.h"
@@ -23,6 +27,20 @@ ValueType cuda_value_type(at::ScalarType type) {
     default:
       TORCH_CHECK(false, "ms_deform_attn (cuda): unsupported value dtype ", type);
   }
+}
+
+// $DETR_CUDA_MSDA_GRAD_VALUE, read on every backward call (cheap next to a
+// launch, and a benchmark or test can switch it between calls).
+constexpr const char* kGradValueEnvVar = "DETR_CUDA_MSDA_GRAD_VALUE";
+
+GradValueStrategy grad_value_strategy_from_env() {
+  const char* setting = std::getenv(kGradValueEnvVar);
+  if (setting == nullptr || setting[0] == '\0' || std::strcmp(setting, "atomic") == 0) {
+    return GradValueStrategy::kGlobalAtomics;
+  }
+  if (std::strcmp(setting, "shared") == 0) return GradValueStrategy::kSharedAggregation;
+  TORCH_CHECK(false, "ms_deform_attn (cuda): $", kGradValueEnvVar, " must be 'atomic' (global atomics, the default) "
+              "or 'shared' (shared-memory aggregation of the coarse levels), got '", setting, "'");
 }
 
 void check_launch(cudaError_t error, const char* what) {
@@ -54,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const MsdaSizes sz =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard device_guard(value.device());
+  const GradValueStrategy strategy = grad_value_strategy_from_env();
   const BackwardBuffers buffers = start_ms_deform_attn_backward(grad_output, value, sampling_locations,
                                                                 attention_weights, sz);
   if (buffers.has_work) {
@@ -62,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                      spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
                      sampling_locations.data_ptr(), attention_weights.data_ptr(),
                      buffers.grad_value_acc.data_ptr(), buffers.grad_locations.data_ptr(),
-                     buffers.grad_attention.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                     buffers.grad_attention.data_ptr(), strategy, at::cuda::getCurrentCUDAStream()),
                  "backward");
   }
   return buffers.finish(value.scalar_type());

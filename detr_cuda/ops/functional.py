@@ -34,6 +34,16 @@ atomics, so it may differ in the last bits from run to run (grad of locations
 and weights are deterministic). Custom ops are outside
 torch.use_deterministic_algorithms.
 
+CUDA backward strategy for grad_value: the environment variable
+``DETR_CUDA_MSDA_GRAD_VALUE``, read on every backward call:
+    ``atomic`` (default)  every contribution is a global atomic add (vector
+                          atomics on sm_90).
+    ``shared``            blocks that each serve one (batch, head) sum the
+                          coarse levels that fit their shared memory on chip
+                          and add them to global memory once per block.
+Both give the same gradients up to float summation order (grad of locations
+and weights are bitwise the same); any other value raises a RuntimeError.
+
 Gradients: first order for value, sampling_locations and attention_weights;
 differentiating the compiled backward again raises NotImplementedError.
 Checks: shapes, dtypes and devices on every call; the level geometry
