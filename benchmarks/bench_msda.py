@@ -27,9 +27,10 @@ row with glibc's mmap threshold fixed at 64 KiB so that freed large blocks
 leave the resident set.
 
 Backends: cpu, cuda, reference, original (with --baseline), and
-cuda-shared: the cuda backend with the shared-memory grad_value strategy
-(DETR_CUDA_MSDA_GRAD_VALUE=shared, set around each call; the cuda row sets
-atomic), so that both backward strategies are timed side by side.
+cuda-shared / cuda-deterministic: the cuda backend with the shared-memory or
+the deterministic (fixed-point) grad_value strategy
+(DETR_CUDA_MSDA_GRAD_VALUE=shared / deterministic, set around each call; the
+cuda row sets atomic), so that the backward strategies are timed side by side.
 
 --baseline PATH imports an ALREADY BUILT original Deformable DETR extension
 (MultiScaleDeformableAttention*.so, built outside this repository) by path and
@@ -128,7 +129,7 @@ def make_inputs(shape_name, dtype, device, distribution="realistic", seed=0):
 GRAD_VALUE_ENV_VAR = "DETR_CUDA_MSDA_GRAD_VALUE"
 # Benchmark backend name -> (op backend, CUDA grad_value strategy or None).
 OUR_BACKENDS = {"cpu": ("cpu", None), "reference": ("reference", None), "cuda": ("cuda", "atomic"),
-                "cuda-shared": ("cuda", "shared")}
+                "cuda-shared": ("cuda", "shared"), "cuda-deterministic": ("cuda", "deterministic")}
 
 
 @contextlib.contextmanager
@@ -355,7 +356,8 @@ def main():
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: float32 on CPU; float32 bfloat16 float16 on a GPU")
     parser.add_argument("--backends", nargs="+", choices=sorted(OUR_BACKENDS) + ["original"], default=None,
-                        help="default: every available one of cuda and cuda-shared (GPU) or cpu, reference, "
+                        help="default: every available one of cuda, cuda-shared, cuda-deterministic (GPU) or "
+                             "cpu, reference, "
                              "original (with --baseline)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default CPU 5, GPU 50)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions (default CPU 1, GPU 10)")
@@ -374,7 +376,7 @@ def main():
     shapes = args.shapes or (sorted(SHAPES) if on_gpu else ["enc320", "dec300", "dec900"])
     dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if on_gpu else ["float32"])
     backends = args.backends or (["original"] if args.baseline else []) + (
-        ["cuda", "cuda-shared"] if on_gpu else ["cpu"]) + ["reference"]
+        ["cuda", "cuda-shared", "cuda-deterministic"] if on_gpu else ["cpu"]) + ["reference"]
     reps = args.reps or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     baseline = BaselineBackend(os.path.expanduser(args.baseline)) if args.baseline else None

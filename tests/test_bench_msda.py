@@ -59,6 +59,7 @@ def test_cuda_shared_backend_sets_the_strategy_only_around_its_calls(bench, monk
         pass
     assert bench.GRAD_VALUE_ENV_VAR not in os.environ
     assert bench.OursBackend("cuda-shared").op_backend == "cuda"
+    assert bench.OursBackend("cuda-deterministic").strategy == "deterministic"
     # A CPU machine has no cuda rows, and the cpu row leaves the variable alone.
     assert not bench.backend_runs("cuda-shared", torch.float32, "cpu", None)
     assert bench.OursBackend("cpu").strategy is None

@@ -1,8 +1,9 @@
 """The compiled CUDA kernel. Skipped unless a GPU is visible and detr_cuda._C
 was built with CUDA.
 
-Tests that exercise grad_value run under both backward strategies
-($DETR_CUDA_MSDA_GRAD_VALUE = atomic | shared): the `strategy` fixture sets it.
+Tests that exercise grad_value run under every backward strategy
+($DETR_CUDA_MSDA_GRAD_VALUE = atomic | shared | deterministic): the
+`strategy` fixture sets it.
 """
 import pytest
 import torch
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 GRAD_VALUE_ENV_VAR = "DETR_CUDA_MSDA_GRAD_VALUE"
-STRATEGIES = ("atomic", "shared")
+STRATEGIES = ("atomic", "shared", "deterministic")
 
 
 def cuda_op(*inputs):
@@ -125,7 +126,35 @@ def test_forward_is_deterministic_and_backward_nearly_so(strategy):
     first, second = run(), run()
     assert torch.equal(first[0], second[0])          # forward: bitwise
     assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])  # loc/attn grads: one writer
-    torch.testing.assert_close(first[1], second[1], rtol=1e-6, atol=1e-6)  # grad_value: atomics order
+    difference = (first[1] - second[1]).abs().max().item()
+    print(f"grad_value ({strategy}): max |run 1 - run 2| = {difference:.3g}")
+    if strategy == "deterministic":
+        assert torch.equal(first[1], second[1])  # fixed-point integer atomics: any order, same bits
+    else:
+        torch.testing.assert_close(first[1], second[1], rtol=1e-6, atol=1e-6)  # float atomics: order
+
+
+def test_deterministic_algorithms_pick_the_deterministic_strategy(monkeypatch):
+    """With torch.use_deterministic_algorithms(True) and the variable unset,
+    grad_value is the deterministic strategy's, bit for bit."""
+    inputs = make_inputs(FOUR_LEVELS, 2, 50, 4, 32, 4, dtype=torch.float32, device="cuda",
+                         generator=fresh_generator())
+
+    def grad_value():
+        value = inputs[0].detach().clone().requires_grad_()
+        cuda_op(value, *inputs[1:]).square().sum().backward()
+        return value.grad
+
+    monkeypatch.setenv(GRAD_VALUE_ENV_VAR, "deterministic")
+    explicit = grad_value()
+    monkeypatch.delenv(GRAD_VALUE_ENV_VAR)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        implied = grad_value()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(explicit, implied)
 
 
 def test_strategies_agree_with_a_level_too_big_for_shared_memory(monkeypatch):
@@ -141,10 +170,12 @@ def test_strategies_agree_with_a_level_too_big_for_shared_memory(monkeypatch):
         output = cuda_op(leaves[0], inputs[1], inputs[2], leaves[1], leaves[2])
         output.backward(torch.ones_like(output))
         results[name] = [leaf.grad for leaf in leaves]
-    atomic, shared = results["atomic"], results["shared"]
-    torch.testing.assert_close(shared[0], atomic[0], rtol=1e-5, atol=1e-5)
-    # grad_locations / grad_attention do not depend on the strategy at all.
-    assert torch.equal(shared[1], atomic[1]) and torch.equal(shared[2], atomic[2])
+    atomic = results["atomic"]
+    for name in ("shared", "deterministic"):
+        other = results[name]
+        torch.testing.assert_close(other[0], atomic[0], rtol=1e-5, atol=1e-5)
+        # grad_locations / grad_attention do not depend on the strategy at all.
+        assert torch.equal(other[1], atomic[1]) and torch.equal(other[2], atomic[2])
 
 
 def test_unknown_grad_value_strategy_raises(monkeypatch):
@@ -153,7 +184,8 @@ def test_unknown_grad_value_strategy_raises(monkeypatch):
     value = inputs[0].requires_grad_()
     output = cuda_op(value, *inputs[1:])
     monkeypatch.setenv(GRAD_VALUE_ENV_VAR, "fast")
-    with pytest.raises(RuntimeError, match="DETR_CUDA_MSDA_GRAD_VALUE must be 'atomic'.*or 'shared'.*got 'fast'"):
+    with pytest.raises(RuntimeError, match="DETR_CUDA_MSDA_GRAD_VALUE must be 'atomic'.*'shared'.*'deterministic'"
+                                           ".*got 'fast'"):
         output.sum().backward()
 
 

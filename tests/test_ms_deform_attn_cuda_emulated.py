@@ -14,7 +14,8 @@ MSDA_TEST_SEED (it also seeds the emulated block and thread order).
 import pytest
 import torch
 
-from cuda_emulation import EmulatedLaunchError, EmulatorUnavailable, Guarded, load_emulator
+from cuda_emulation import ATOMIC, DETERMINISTIC, SHARED, STRATEGIES, EmulatedLaunchError, EmulatorUnavailable, \
+    Guarded, load_emulator
 from detr_cuda.ops.reference import ms_deform_attn_reference
 from msda_testing import FOUR_LEVELS, ONE_LEVEL, TOLERANCES, fresh_generator, level_geometry, make_inputs, \
     max_abs_error_ratio
@@ -43,13 +44,12 @@ def guarded_input(tensor, shift=0):
 
 
 def strategies(emu):
-    """The backward's grad_value strategies: 0 only, unless the launcher takes a
-    strategy argument (then 0 = global atomics, 1 = shared-memory aggregation)."""
-    return [0, 1] if emu.backward_takes_strategy else [0]
+    """The backward's grad_value strategies: global atomics, shared-memory aggregation, deterministic."""
+    return list(STRATEGIES)
 
 
 def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
-                 value_shift=0, output_shift=0, grad_output_shift=0, strategy=0):
+                 value_shift=0, output_shift=0, grad_output_shift=0, strategy=ATOMIC):
     """Forward and backward through the emulated kernels, checking every guard.
 
     Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
@@ -71,10 +71,13 @@ def run_emulated(emu, value, spatial_shapes, level_start_index, locations, atten
         "grad_locations": Guarded(locations.shape, acc, SENTINEL, interior=float("nan")),
         "grad_attention": Guarded(attention.shape, acc, SENTINEL, interior=float("nan")),
     }
+    # The deterministic strategy's fixed-point sums and bounds (zeroed int64).
+    workspace = Guarded((value.numel() + 2,), torch.int64, -12345, interior=0)
     emu.backward(inputs["grad_output"].tensor, inputs["value"].tensor, spatial_shapes, level_start_index,
                  inputs["sampling_locations"].tensor, inputs["attention_weights"].tensor,
                  grads["grad_value"].tensor, grads["grad_locations"].tensor, grads["grad_attention"].tensor,
-                 strategy=strategy)
+                 strategy=strategy, workspace=workspace.tensor if strategy == DETERMINISTIC else None)
+    assert workspace.margins_unchanged(), "the kernels wrote past the ends of the deterministic workspace"
     for name, guarded in inputs.items():
         assert guarded.unchanged(), f"the kernels wrote into {name} or its margins"
     for name, guarded in {"output": output, **grads}.items():
@@ -99,7 +102,7 @@ def random_inputs(dtype, shapes, batch, queries, heads, channels, points, genera
     return inputs, grad_output
 
 
-def assert_close_to_reference(actual, expected, dtype, strategy=0):
+def assert_close_to_reference(actual, expected, dtype, strategy=ATOMIC):
     tolerance = TOLERANCES[dtype]
     for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_attention"), actual, expected):
         where = f"({dtype}, grad_value strategy {strategy})"
@@ -145,7 +148,8 @@ CASES = [
     (32, FOUR_LEVELS, 8),
     (16, FOUR_LEVELS, 3),
 ]
-BACKWARD_KERNELS = {0: "backward_atomic_kernel", 1: "backward_shared_kernel"}
+BACKWARD_KERNELS = {ATOMIC: "backward_atomic_kernel", SHARED: "backward_shared_kernel",
+                    DETERMINISTIC: "backward_atomic_kernel"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -220,19 +224,17 @@ def test_shared_strategy_grid_and_budget(emu, sm_count, optin, blocks):
     while the others use global atomics: the reference's grad_value, and
     output / grad_locations / grad_attention bitwise equal to the atomic
     strategy's."""
-    if not emu.backward_takes_strategy:
-        pytest.skip("the backward launcher has no shared-memory strategy")
     device = load_emulator(sm_count=sm_count, max_shared_optin_bytes=optin)
     shapes = [(6, 7), (4, 6), (3, 2), (2, 3)]  # fp32, C=32: 5376, 3072, 768, 768 bytes per level
     generator = new_generator(device)
     inputs, grad_output = random_inputs(torch.float32, shapes, 2, 150, 3, 32, 4, generator)
     device.take_launch_log()
-    shared = run_emulated(device, *inputs, grad_output, strategy=1)
+    shared = run_emulated(device, *inputs, grad_output, strategy=SHARED)
     log = [line for line in device.take_launch_log() if "backward" in line]
     assert len(log) == 1 and "backward_shared_kernel" in log[0] and launch_grid_x(log[0]) == blocks, log
     assert int(log[0].split("shared=")[1]) <= optin
-    atomic = run_emulated(device, *inputs, grad_output, strategy=0)
-    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32, 1)
+    atomic = run_emulated(device, *inputs, grad_output, strategy=ATOMIC)
+    assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32, SHARED)
     assert torch.equal(shared[0], atomic[0])
     assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
     torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
@@ -245,8 +247,50 @@ def test_a_level_larger_than_the_shared_budget(small_emu, dtype):
     check_case(small_emu, dtype, [(30, 40), (5, 6), (2, 3)], 16, 4, batch=1, queries=70, heads=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_deterministic_grad_value_does_not_depend_on_the_schedule(emu, dtype):
+    """Two different block and thread orders (emulator seeds): the
+    deterministic strategy's grad_value is bitwise the same, and so are
+    grad_locations / grad_attention under every strategy. The float-atomic
+    strategies' grad_value may differ in its last bits (printed, not
+    asserted: a GPU's order differs from run to run in the same way)."""
+    generator = new_generator(emu)
+    inputs, grad_output = random_inputs(dtype, FOUR_LEVELS, 2, 40, 3, 32, 4, generator)
+    seed = generator.initial_seed()
+    for strategy in strategies(emu):
+        runs = []
+        for schedule in (seed, seed ^ 0x5DEECE66D):
+            emu.set_seed(schedule)
+            runs.append(run_emulated(emu, *inputs, grad_output, strategy=strategy))
+        difference = (runs[0][1] - runs[1][1]).abs().max().item()
+        print(f"strategy {strategy}: grad_value max |run 1 - run 2| = {difference:.3g}")
+        assert torch.equal(runs[0][2], runs[1][2]) and torch.equal(runs[0][3], runs[1][3])
+        if strategy == DETERMINISTIC:
+            assert torch.equal(runs[0][1], runs[1][1])
+    assert len([line for line in emu.take_launch_log() if "backward_atomic_kernel" in line]) == 4
+
+
+@pytest.mark.parametrize("where", ["grad_output", "attention"])
+def test_deterministic_grad_value_is_nan_after_a_non_finite_input(emu, where):
+    """A NaN in grad_output or an Inf attention weight leaves no finite scale
+    for the fixed-point sums: every grad_value element is NaN (never a
+    silently wrong finite number)."""
+    generator = new_generator(emu)
+    (value, spatial_shapes, level_start_index, locations, attention), grad_output = random_inputs(
+        torch.float32, ONE_LEVEL, 1, 5, 2, 8, 4, generator)
+    if where == "grad_output":
+        grad_output[0, 3, 5] = float("nan")
+    else:
+        attention[0, 2, 1, 0, 3] = float("inf")
+    grads = (torch.zeros_like(value), torch.empty_like(locations), torch.empty_like(attention))
+    emu.backward(grad_output, value, spatial_shapes, level_start_index, locations, attention, *grads,
+                 strategy=DETERMINISTIC)
+    assert torch.isnan(grads[0]).all()
+
+
 @pytest.mark.parametrize("batch, queries", [(0, 5), (2, 0)])
 def test_empty_launches_nothing(emu, batch, queries):
+    emu.take_launch_log()
     spatial_shapes, level_start_index, num_values = level_geometry(FOUR_LEVELS)
     value = torch.randn(batch, num_values, 2, 8)
     locations = torch.rand(batch, queries, 2, 4, 2, 2)

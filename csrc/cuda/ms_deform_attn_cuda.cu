@@ -169,6 +169,80 @@ __device__ __forceinline__ void atomic_add_global(double* dst, const double (&v)
   for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, v[j]);
 }
 
+// Where the backward's global grad_value contributions go. Each kernel
+// copies its GlobalAdd, calls prepare() once, then add() per contribution
+// (VEC channels starting at element `index` of grad_value).
+
+// kGlobalAtomics / kSharedAggregation: float (or double) atomics into the
+// accumulation-type grad_value.
+template <typename acc_t>
+struct FloatAtomicAdd {
+  acc_t* grad_value;
+
+  __device__ __forceinline__ void prepare() {}
+
+  template <int VEC>
+  __device__ __forceinline__ void add(int64_t index, const acc_t (&v)[VEC]) const {
+    atomic_add_global<VEC>(grad_value + index, v);
+  }
+};
+
+// A max-abs bound kept as the bit pattern of a non-negative acc_t, so that
+// unsigned integer order is value order (and +Inf, which stands for NaN too,
+// is the largest).
+template <typename acc_t>
+__device__ __forceinline__ double decode_bound(unsigned long long bits) {
+  if constexpr (sizeof(acc_t) == 4) {
+    const unsigned int narrow = static_cast<unsigned int>(bits);
+    float value;
+    memcpy(&value, &narrow, sizeof(value));
+    return value;
+  } else {
+    double value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+  }
+}
+
+// The fixed-point scale of kDeterministic, a power of two: every partial sum
+// of one grad_value element, scaled, stays below 2^62 in magnitude. An
+// element receives at most `count` = Q * P contributions (the samples of its
+// level and head; one sample's 4 corners are different elements), each at
+// most max|grad_output| * max|attention| (bilinear weights are <= 1).
+// Returns 0 when that bound is not finite (a NaN or Inf among the inputs).
+template <typename acc_t>
+__device__ __forceinline__ double fixed_point_scale(const unsigned long long* bounds, int64_t count) {
+  const double total = decode_bound<acc_t>(bounds[0]) * decode_bound<acc_t>(bounds[1]) * static_cast<double>(count);
+  if (!(total <= 1.7976931348623157e308)) return 0.0;
+  if (total == 0.0) return 1.0;
+  int exponent = 0;
+  frexp(total, &exponent);  // total < 2^exponent
+  return ldexp(1.0, 62 - exponent < 1000 ? 62 - exponent : 1000);
+}
+
+// kDeterministic: each contribution is rounded to a 64-bit integer (value *
+// scale) and added with an integer atomic. Integer addition is associative,
+// so the sums are the same bits whatever order the atomics run in; the
+// rounding error is at most 2^-63 * count * bound per contribution.
+template <typename acc_t>
+struct FixedPointAdd {
+  unsigned long long* sums;            // [B*S*H*C], zeroed
+  const unsigned long long* bounds;    // [2]: max|grad_output|, max|attention|
+  int64_t count;                       // Q * P
+  double scale;                        // set by prepare()
+
+  __device__ __forceinline__ void prepare() { scale = fixed_point_scale<acc_t>(bounds, count); }
+
+  template <int VEC>
+  __device__ __forceinline__ void add(int64_t index, const acc_t (&v)[VEC]) const {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const long long fixed = llrint(static_cast<double>(v[j]) * scale);
+      atomicAdd(sums + index + j, static_cast<unsigned long long>(fixed));
+    }
+  }
+};
+
 // The level geometry lives in device memory, so the host cannot check it
 // without a copy (the Python wrapper does, once per spatial_shapes tensor). A
 // level that would reach past S is skipped, so that even a direct op call with
@@ -297,11 +371,11 @@ struct SharedLevels {
 // shuffles depend only on sz, so all lanes reach every shuffle.
 // kChunk samples are processed together (their 4*kChunk corner loads issued
 // first); kChunk divides P.
-template <typename scalar_t, typename acc_t, int VEC, int kChunk, bool kShared>
+template <typename scalar_t, typename acc_t, int VEC, int kChunk, bool kShared, typename GlobalAdd>
 __device__ __forceinline__ void backward_row(
     const MsdaSizes& sz, const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
     const int64_t* __restrict__ spatial_shapes, const int64_t* __restrict__ level_start_index,
-    const acc_t* __restrict__ locations, const acc_t* __restrict__ attention, acc_t* __restrict__ grad_value,
+    const acc_t* __restrict__ locations, const acc_t* __restrict__ attention, const GlobalAdd& global_add,
     acc_t* __restrict__ grad_locations, acc_t* __restrict__ grad_attention, const int64_t row, const bool valid,
     const int lane, const int lanes_log2, acc_t* shared_acc, SharedLevels shared_levels) {
   const int lanes = 1 << lanes_log2;
@@ -377,7 +451,7 @@ __device__ __forceinline__ void backward_row(
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) atomicAdd(dst + j * static_cast<int>(vectors), contribution[j]);
               } else {
-                atomic_add_global<VEC>(grad_value + level_row + position[n][i] * position_stride + c0, contribution);
+                global_add.template add<VEC>(level_row + position[n][i] * position_stride + c0, contribution);
               }
             }
           }
@@ -423,14 +497,17 @@ __device__ __forceinline__ void backward_row(
 // Backward, global-atomic strategy. Grid-stride over B*Q*H rows x `lanes`
 // lanes in row order (batch-major, so one image's value and grad_value stay
 // L2-resident together). At least two blocks per SM (<= 128 registers).
-template <typename scalar_t, typename acc_t, int VEC, int kChunk>
+// GlobalAdd: FloatAtomicAdd (kGlobalAtomics) or FixedPointAdd (kDeterministic).
+template <typename scalar_t, typename acc_t, int VEC, int kChunk, typename GlobalAdd>
 __global__ void __launch_bounds__(kThreadsPerBlock, 2)
     backward_atomic_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                            const int64_t* __restrict__ spatial_shapes, const int64_t* __restrict__ level_start_index,
                            const acc_t* __restrict__ locations, const acc_t* __restrict__ attention,
-                           acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_locations,
+                           const GlobalAdd grad_value_add, acc_t* __restrict__ grad_locations,
                            acc_t* __restrict__ grad_attention, const MsdaSizes sz, const int lanes_log2,
                            const int64_t total_threads) {
+  GlobalAdd global_add = grad_value_add;
+  global_add.prepare();
   const int lanes = 1 << lanes_log2;
   const int64_t rows = sz.batch * sz.num_queries * sz.num_heads;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -441,7 +518,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 2)
     const int64_t row_or_pad = t >> lanes_log2;
     const bool valid = row_or_pad < rows;
     backward_row<scalar_t, acc_t, VEC, kChunk, false>(
-        sz, grad_output, value, spatial_shapes, level_start_index, locations, attention, grad_value, grad_locations,
+        sz, grad_output, value, spatial_shapes, level_start_index, locations, attention, global_add, grad_locations,
         grad_attention, valid ? row_or_pad : 0, valid, static_cast<int>(t & (lanes - 1)), lanes_log2, nullptr,
         SharedLevels{nullptr});
   }
@@ -522,9 +599,9 @@ __global__ void __launch_bounds__(kSharedThreadsPerBlock, 1)
       const bool valid = q < q_end;
       const int64_t row = valid ? (b * sz.num_queries + q) * sz.num_heads + head : 0;
       backward_row<scalar_t, acc_t, VEC, 1, true>(sz, grad_output, value, spatial_shapes, level_start_index,
-                                                       locations, attention, grad_value, grad_locations,
-                                                       grad_attention, row, valid, lane, lanes_log2, shared_acc,
-                                                       SharedLevels{level_offset});
+                                                       locations, attention, FloatAtomicAdd<acc_t>{grad_value},
+                                                       grad_locations, grad_attention, row, valid, lane, lanes_log2,
+                                                       shared_acc, SharedLevels{level_offset});
     }
     __syncthreads();
 
@@ -554,6 +631,55 @@ __global__ void __launch_bounds__(kSharedThreadsPerBlock, 1)
     }
     __syncthreads();  // the next item zeroes the accumulator
   }
+}
+
+// kDeterministic, first pass: *bound = max over i of |x[i]| (in acc_t, as
+// its bit pattern; NaN counts as +Inf). Grid-stride, then a warp max and one
+// integer atomicMax per warp: the result does not depend on the order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    max_abs_kernel(const scalar_t* __restrict__ x, const int64_t n, unsigned long long* __restrict__ bound) {
+  acc_t largest = acc_t(0);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const acc_t v = to_acc(x[i]);
+    const acc_t magnitude = v < acc_t(0) ? -v : v;
+    if (!(magnitude <= largest)) largest = magnitude == magnitude ? magnitude : acc_t(INFINITY);
+  }
+  unsigned long long bits = 0;
+  if constexpr (sizeof(acc_t) == 4) {
+    unsigned int narrow = 0;
+    memcpy(&narrow, &largest, sizeof(narrow));
+    bits = narrow;
+  } else {
+    memcpy(&bits, &largest, sizeof(bits));
+  }
+  // blockDim.x is a multiple of 32 and every thread gets here.
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, bits, offset);
+    bits = other > bits ? other : bits;
+  }
+  if ((threadIdx.x & 31) == 0 && bits != 0) atomicMax(bound, bits);
+}
+
+// kDeterministic, last pass: grad_value[i] = sums[i] / scale in acc_t, or
+// NaN everywhere when the bound was not finite.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    fixed_point_to_acc_kernel(const unsigned long long* __restrict__ sums, const unsigned long long* __restrict__ bounds,
+                              const int64_t count, acc_t* __restrict__ grad_value, const int64_t n) {
+  const double scale = fixed_point_scale<acc_t>(bounds, count);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long fixed = static_cast<long long>(sums[i]);
+    grad_value[i] = scale > 0.0 ? static_cast<acc_t>(static_cast<double>(fixed) / scale) : static_cast<acc_t>(NAN);
+  }
+}
+
+// Blocks of kThreadsPerBlock threads for a grid-stride pass over n elements.
+unsigned int elementwise_blocks(int64_t n) {
+  const int64_t blocks = (n + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks > 4096 ? 4096 : blocks);
 }
 
 // Widest vector (at most 16 bytes) that divides C and keeps every pointer
@@ -747,7 +873,7 @@ template <typename scalar_t, typename acc_t>
 cudaError_t backward_typed(const MsdaSizes& sz, const void* grad_output, const void* value,
                            const int64_t* spatial_shapes, const int64_t* level_start_index, const void* locations,
                            const void* attention, void* grad_value, void* grad_locations, void* grad_attention,
-                           GradValueStrategy strategy, cudaStream_t stream) {
+                           GradValueStrategy strategy, void* deterministic_workspace, cudaStream_t stream) {
   const int width = pick_vector_width<scalar_t, acc_t>(sz.channels, {value, grad_output}, grad_value);
   return with_vector_width<scalar_t>(width, [&](auto vec_constant) {
     constexpr int VEC = decltype(vec_constant)::value;
@@ -775,16 +901,48 @@ cudaError_t backward_typed(const MsdaSizes& sz, const void* grad_output, const v
       }
       // No room even for the level table (thousands of levels): global atomics.
     }
-    return with_backward_chunk<acc_t, VEC>(sz.num_points, [&](auto chunk_constant) {
-      constexpr int kChunk = decltype(chunk_constant)::value;
-      const auto kernel = backward_atomic_kernel<scalar_t, acc_t, VEC, kChunk>;
-      MSDA_LAUNCH(kernel, static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream)(
-          static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value), spatial_shapes,
-          level_start_index, static_cast<const acc_t*>(locations), static_cast<const acc_t*>(attention),
-          static_cast<acc_t*>(grad_value), static_cast<acc_t*>(grad_locations), static_cast<acc_t*>(grad_attention),
-          sz, shape.lanes_log2, shape.total_threads);
-      return cudaGetLastError();
-    });
+    // Global atomics, float or (kDeterministic) fixed point.
+    const auto launch_atomic = [&](auto global_add) {
+      using GlobalAdd = decltype(global_add);
+      return with_backward_chunk<acc_t, VEC>(sz.num_points, [&](auto chunk_constant) {
+        constexpr int kChunk = decltype(chunk_constant)::value;
+        const auto kernel = backward_atomic_kernel<scalar_t, acc_t, VEC, kChunk, GlobalAdd>;
+        MSDA_LAUNCH(kernel, static_cast<unsigned int>(shape.blocks), kThreadsPerBlock, 0, stream)(
+            static_cast<const scalar_t*>(grad_output), static_cast<const scalar_t*>(value), spatial_shapes,
+            level_start_index, static_cast<const acc_t*>(locations), static_cast<const acc_t*>(attention), global_add,
+            static_cast<acc_t*>(grad_locations), static_cast<acc_t*>(grad_attention), sz, shape.lanes_log2,
+            shape.total_threads);
+        return cudaGetLastError();
+      });
+    };
+    if (strategy != GradValueStrategy::kDeterministic) {
+      return launch_atomic(FloatAtomicAdd<acc_t>{static_cast<acc_t*>(grad_value)});
+    }
+    // kDeterministic: bounds, fixed-point sums, conversion; four launches in
+    // stream order, no host sync.
+    if (deterministic_workspace == nullptr) return cudaErrorInvalidValue;
+    const int64_t value_elements = sz.batch * sz.num_values * sz.num_heads * sz.channels;
+    const int64_t output_elements = sz.batch * sz.num_queries * sz.num_heads * sz.channels;
+    const int64_t attention_elements = sz.batch * sz.num_queries * sz.num_heads * sz.num_levels * sz.num_points;
+    auto* sums = static_cast<unsigned long long*>(deterministic_workspace);
+    unsigned long long* bounds = sums + value_elements;
+    const auto grad_output_max = max_abs_kernel<scalar_t, acc_t>;
+    MSDA_LAUNCH(grad_output_max, elementwise_blocks(output_elements), kThreadsPerBlock, 0, stream)(
+        static_cast<const scalar_t*>(grad_output), output_elements, bounds);
+    cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    const auto attention_max = max_abs_kernel<acc_t, acc_t>;
+    MSDA_LAUNCH(attention_max, elementwise_blocks(attention_elements), kThreadsPerBlock, 0, stream)(
+        static_cast<const acc_t*>(attention), attention_elements, bounds + 1);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    const int64_t count = sz.num_queries * sz.num_points;
+    error = launch_atomic(FixedPointAdd<acc_t>{sums, bounds, count, 0.0});
+    if (error != cudaSuccess) return error;
+    const auto convert = fixed_point_to_acc_kernel<acc_t>;
+    MSDA_LAUNCH(convert, elementwise_blocks(value_elements), kThreadsPerBlock, 0, stream)(
+        sums, bounds, count, static_cast<acc_t*>(grad_value), value_elements);
+    return cudaGetLastError();
   });
 }
 
@@ -816,24 +974,25 @@ cudaError_t ms_deform_attn_backward_cuda_launch(ValueType value_type, const Msda
                                                 const int64_t* spatial_shapes, const int64_t* level_start_index,
                                                 const void* sampling_locations, const void* attention_weights,
                                                 void* grad_value_acc, void* grad_locations, void* grad_attention,
-                                                GradValueStrategy strategy, cudaStream_t stream) {
+                                                GradValueStrategy strategy, void* deterministic_workspace,
+                                                cudaStream_t stream) {
   switch (value_type) {
     case ValueType::kFloat32:
       return backward_typed<float, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                          grad_attention, strategy, stream);
+                                          grad_attention, strategy, deterministic_workspace, stream);
     case ValueType::kFloat64:
       return backward_typed<double, double>(sizes, grad_output, value, spatial_shapes, level_start_index,
                                             sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                            grad_attention, strategy, stream);
+                                            grad_attention, strategy, deterministic_workspace, stream);
     case ValueType::kFloat16:
       return backward_typed<__half, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
                                            sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                           grad_attention, strategy, stream);
+                                           grad_attention, strategy, deterministic_workspace, stream);
     case ValueType::kBFloat16:
       return backward_typed<__nv_bfloat16, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
                                                   sampling_locations, attention_weights, grad_value_acc,
-                                                  grad_locations, grad_attention, strategy, stream);
+                                                  grad_locations, grad_attention, strategy, deterministic_workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

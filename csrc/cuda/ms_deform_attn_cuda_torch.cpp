@@ -33,14 +33,20 @@ ValueType cuda_value_type(at::ScalarType type) {
 // launch, and a benchmark or test can switch it between calls).
 constexpr const char* kGradValueEnvVar = "DETR_CUDA_MSDA_GRAD_VALUE";
 
+// Unset or empty: "deterministic" under torch.use_deterministic_algorithms(True),
+// else "atomic".
 GradValueStrategy grad_value_strategy_from_env() {
   const char* setting = std::getenv(kGradValueEnvVar);
-  if (setting == nullptr || setting[0] == '\0' || std::strcmp(setting, "atomic") == 0) {
-    return GradValueStrategy::kGlobalAtomics;
+  if (setting == nullptr || setting[0] == '\0') {
+    return at::globalContext().deterministicAlgorithms() ? GradValueStrategy::kDeterministic
+                                                         : GradValueStrategy::kGlobalAtomics;
   }
+  if (std::strcmp(setting, "atomic") == 0) return GradValueStrategy::kGlobalAtomics;
   if (std::strcmp(setting, "shared") == 0) return GradValueStrategy::kSharedAggregation;
-  TORCH_CHECK(false, "ms_deform_attn (cuda): $", kGradValueEnvVar, " must be 'atomic' (global atomics, the default) "
-              "or 'shared' (shared-memory aggregation of the coarse levels), got '", setting, "'");
+  if (std::strcmp(setting, "deterministic") == 0) return GradValueStrategy::kDeterministic;
+  TORCH_CHECK(false, "ms_deform_attn (cuda): $", kGradValueEnvVar, " must be 'atomic' (global atomics, the default), "
+              "'shared' (shared-memory aggregation of the coarse levels) or 'deterministic' (bitwise reproducible "
+              "grad_value, fixed-point atomics), got '", setting, "'");
 }
 
 void check_launch(cudaError_t error, const char* what) {
@@ -76,12 +82,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const BackwardBuffers buffers = start_ms_deform_attn_backward(grad_output, value, sampling_locations,
                                                                 attention_weights, sz);
   if (buffers.has_work) {
+    // kDeterministic's fixed-point sums and two bounds (int64, zeroed).
+    const at::Tensor workspace = strategy == GradValueStrategy::kDeterministic
+                                     ? at::zeros({value.numel() + 2}, value.options().dtype(at::kLong))
+                                     : at::Tensor();
     check_launch(ms_deform_attn_backward_cuda_launch(
                      cuda_value_type(value.scalar_type()), sz, grad_output.data_ptr(), value.data_ptr(),
                      spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
                      sampling_locations.data_ptr(), attention_weights.data_ptr(),
                      buffers.grad_value_acc.data_ptr(), buffers.grad_locations.data_ptr(),
-                     buffers.grad_attention.data_ptr(), strategy, at::cuda::getCurrentCUDAStream()),
+                     buffers.grad_attention.data_ptr(), strategy,
+                     workspace.defined() ? workspace.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
                  "backward");
   }
   return buffers.finish(value.scalar_type());

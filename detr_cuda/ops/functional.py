@@ -29,10 +29,12 @@ value_proj), with float32 locations and weights, float32 accumulation and a
 half-precision output. Nothing is silently promoted to float32.
 
 Determinism: forward is deterministic on every backend; the CPU backward is
-bitwise deterministic (no atomics); the CUDA backward's grad_value uses float
-atomics, so it may differ in the last bits from run to run (grad of locations
-and weights are deterministic). Custom ops are outside
-torch.use_deterministic_algorithms.
+bitwise deterministic (no atomics); the CUDA backward's grad of locations and
+weights always is (one writer each), and its grad_value is too under the
+``deterministic`` strategy below, which torch.use_deterministic_algorithms(True)
+(train.deterministic=true) selects when the variable is unset. The ``atomic``
+and ``shared`` strategies use float atomics: grad_value may differ in its last
+bits from run to run.
 
 CUDA backward strategy for grad_value: the environment variable
 ``DETR_CUDA_MSDA_GRAD_VALUE``, read on every backward call:
@@ -41,8 +43,18 @@ CUDA backward strategy for grad_value: the environment variable
     ``shared``            blocks that each serve one (batch, head) sum the
                           coarse levels that fit their shared memory on chip
                           and add them to global memory once per block.
-Both give the same gradients up to float summation order (grad of locations
-and weights are bitwise the same); any other value raises a RuntimeError.
+    ``deterministic``     contributions rounded to 64-bit fixed point (a
+                          power-of-two scale from max|grad_output| *
+                          max|attention| * Q * P, chosen on the GPU) and added
+                          as integers, so the order of the atomics cannot
+                          matter; absolute error <= 2^-62 * Q * P *
+                          max|grad_output| * max|attention| per contribution;
+                          a NaN/Inf in grad_output or attention_weights makes
+                          all of grad_value NaN. Needs an int64 workspace the
+                          size of value.
+All give the same gradients up to summation order and that rounding (grad of
+locations and weights are bitwise the same); any other value raises a
+RuntimeError.
 
 Gradients: first order for value, sampling_locations and attention_weights;
 differentiating the compiled backward again raises NotImplementedError.

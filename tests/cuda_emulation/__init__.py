@@ -230,6 +230,11 @@ def _ptr(tensor):
     return ctypes.c_void_p(tensor.data_ptr()) if tensor is not None else ctypes.c_void_p(0)
 
 
+# detr_cuda::GradValueStrategy (csrc/cuda/ms_deform_attn_cuda.h).
+ATOMIC, SHARED, DETERMINISTIC = 0, 1, 2
+STRATEGIES = (ATOMIC, SHARED, DETERMINISTIC)
+
+
 class Emulator(EmulatedLibrary):
     """csrc/cuda/ms_deform_attn_cuda.cu's launchers on CPU tensors."""
 
@@ -237,9 +242,7 @@ class Emulator(EmulatedLibrary):
         super().__init__(path)
         sizes = [ctypes.c_int] + [ctypes.c_int64] * 7
         self.lib.msda_emu_forward.argtypes = sizes + [ctypes.c_void_p] * 6
-        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9 + [ctypes.c_int]
-        # The backward launcher may take a grad_value strategy (an enum) argument.
-        self.backward_takes_strategy = bool(self.lib.msda_emu_backward_has_strategy())
+        self.lib.msda_emu_backward.argtypes = sizes + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_void_p]
 
     @staticmethod
     def sizes(value, sampling_locations):
@@ -256,15 +259,18 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
     def backward(self, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy=0):
+                 attention_weights, grad_value_acc, grad_locations, grad_attention, strategy=ATOMIC, workspace=None):
         """Adds into the zeroed ``grad_value_acc`` (accumulation dtype) and writes the two other gradients.
 
-        ``strategy`` is passed, as the launcher's enum, when the launcher takes one.
+        ``strategy``: the launcher's GradValueStrategy (ATOMIC, SHARED, DETERMINISTIC). DETERMINISTIC
+        needs ``workspace``, a zeroed int64 tensor of value.numel() + 2 elements (made here when None).
         """
+        if strategy == DETERMINISTIC and workspace is None:
+            workspace = torch.zeros(value.numel() + 2, dtype=torch.int64)
         code = self.lib.msda_emu_backward(
             VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(grad_output), _ptr(value),
             _ptr(spatial_shapes), _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights),
-            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), strategy)
+            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), strategy, _ptr(workspace))
         self.check(code)
 
 

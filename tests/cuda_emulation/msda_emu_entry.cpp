@@ -6,8 +6,6 @@
 
 #include "cuda/ms_deform_attn_cuda.cu"
 
-#include <tuple>
-
 #define MSDA_EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -36,25 +34,6 @@ int finish(cudaError_t launcher_result) {
   return msda_emu::g_sticky_fault;
 }
 
-// The backward launcher, called with or without an enum "strategy" argument
-// before the stream (a launcher may offer several grad_value accumulation
-// strategies): the int is cast to the launcher's own parameter type, so this
-// file compiles against either signature without naming the enum.
-template <typename... P, typename... A>
-cudaError_t call_backward(cudaError_t (*launch)(P...), int strategy, A... args) {
-  if constexpr (sizeof...(P) == 13) {
-    using Strategy = std::tuple_element_t<11, std::tuple<P...>>;
-    return launch(args..., static_cast<Strategy>(strategy), nullptr);
-  } else {
-    return strategy == 0 ? launch(args..., nullptr) : cudaErrorInvalidValue;
-  }
-}
-
-template <typename... P>
-constexpr int backward_strategy_parameter(cudaError_t (*)(P...)) {
-  return sizeof...(P) == 13 ? 1 : 0;
-}
-
 }  // namespace
 
 // value_type: 0 float32, 1 float64, 2 float16, 3 bfloat16 (detr_cuda::ValueType).
@@ -70,24 +49,20 @@ MSDA_EMU_EXPORT int msda_emu_forward(int value_type, int64_t batch, int64_t num_
                                                               attention_weights, output, nullptr));
 }
 
+// strategy: detr_cuda::GradValueStrategy as an int; workspace: kDeterministic's
+// zeroed int64 buffer of B*S*H*C + 2 elements (else null).
 MSDA_EMU_EXPORT int msda_emu_backward(int value_type, int64_t batch, int64_t num_values, int64_t num_heads,
                                       int64_t channels, int64_t num_queries, int64_t num_levels, int64_t num_points,
                                       const void* grad_output, const void* value, const int64_t* spatial_shapes,
                                       const int64_t* level_start_index, const void* sampling_locations,
                                       const void* attention_weights, void* grad_value_acc, void* grad_locations,
-                                      void* grad_attention, int strategy) {
+                                      void* grad_attention, int strategy, void* workspace) {
   msda_emu::reset_errors();
   const auto sz = make_sizes(batch, num_values, num_heads, channels, num_queries, num_levels, num_points);
-  return finish(call_backward(&detr_cuda::ms_deform_attn_backward_cuda_launch, strategy,
-                              static_cast<detr_cuda::ValueType>(value_type), sz, grad_output, value, spatial_shapes,
-                              level_start_index, sampling_locations, attention_weights, grad_value_acc,
-                              grad_locations, grad_attention));
-}
-
-// 1 when the backward launcher takes a strategy argument (then msda_emu_backward
-// passes `strategy` to it), 0 when it does not (then only strategy 0 exists).
-MSDA_EMU_EXPORT int msda_emu_backward_has_strategy() {
-  return backward_strategy_parameter(&detr_cuda::ms_deform_attn_backward_cuda_launch);
+  return finish(detr_cuda::ms_deform_attn_backward_cuda_launch(
+      static_cast<detr_cuda::ValueType>(value_type), sz, grad_output, value, spatial_shapes, level_start_index,
+      sampling_locations, attention_weights, grad_value_acc, grad_locations, grad_attention,
+      static_cast<detr_cuda::GradValueStrategy>(strategy), workspace, nullptr));
 }
 
 #include "msda_emu_api.h"
