@@ -96,6 +96,7 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -282,6 +283,7 @@ struct Scheduler {
   struct sigaction previous[4];  // SIGSEGV, SIGBUS, SIGFPE, SIGVTALRM outside launches
   double time_limit_seconds = 300;  // CPU seconds per launch (an endless loop ends as a launch error)
   volatile sig_atomic_t timed_out = 0;
+  pthread_t launch_thread{};  // the thread running the launch (signals elsewhere are not the kernel's)
 };
 inline Scheduler g_sched;
 inline std::mutex g_launch_mutex;
@@ -382,12 +384,20 @@ inline std::string time_limit_text() {
 }
 
 inline void signal_handler(int signal, siginfo_t* info, void*) {
+  // The process may have other threads (torch's pools). ITIMER_VIRTUAL's
+  // signal is process-directed and can land on any of them: pass it on to the
+  // launch's thread. A fault on another thread is not the kernel's.
+  const bool on_launch_thread = in_kernel() && pthread_equal(pthread_self(), g_sched.launch_thread);
+  if (signal == SIGVTALRM && in_kernel() && !on_launch_thread) {
+    pthread_kill(g_sched.launch_thread, SIGVTALRM);
+    return;
+  }
   if (signal == SIGVTALRM) {
     g_sched.timed_out = 1;  // the scheduler checks it between fibers
     if (in_kernel()) fault_in_fiber(cudaErrorLaunchTimeout, time_limit_text() + " (" + where() + ")");
     return;
   }
-  if (!in_kernel()) {
+  if (!on_launch_thread) {
     // Not a kernel's fault: restore the previous handler and let the
     // faulting instruction run again under it.
     const int which = signal == SIGSEGV ? 0 : signal == SIGBUS ? 1 : 2;  // (SIGVTALRM returned above)
@@ -711,6 +721,7 @@ inline cudaError_t run_launch(const Launch& launch) {
   timer.it_value.tv_usec = static_cast<suseconds_t>((g_sched.time_limit_seconds - timer.it_value.tv_sec) * 1e6);
   setitimer(ITIMER_VIRTUAL, &timer, &previous_timer);
 
+  g_sched.launch_thread = pthread_self();
   g_sched.launch = &launch;
   g_sched.num_threads = static_cast<int>(threads);
   g_sched.fault = false;
