@@ -38,6 +38,7 @@ def main(out_path, config_path, overrides):
         torch.save({"losses": values, "grads": grads, "image_ids": image_ids}, out_path)
     else:
         distributed.all_gather_object([int(t["image_id"]) for t in targets])
+    distributed.barrier()  # as run_training: no rank tears the process group down while another still uses it
     trainer.close()
     distributed.cleanup()
 

@@ -336,7 +336,11 @@ def run_training(cfg, resume=None, weights=None, allow_config_change=False):
     """Entry point for tools/train.py. Returns the process exit code."""
     trainer = Trainer(cfg, resume=resume, weights=weights, allow_config_change=allow_config_change)
     try:
-        return trainer.train()
+        code = trainer.train()
+        # Every rank is done with the process group (rank 0 may still be writing the last
+        # checkpoint) before any tears it down: a gloo peer that leaves early can abort the other.
+        distributed.barrier()
+        return code
     finally:
         trainer.close()
         distributed.cleanup()
