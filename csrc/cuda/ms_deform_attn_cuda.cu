@@ -28,7 +28,7 @@
 // over the row's lanes with warp shuffles (an xor butterfly: every lane ends
 // with the same bits), so grad_locations / grad_attention have one writer
 // each and are deterministic. grad_value (a zeroed accumulation-type buffer)
-// is a scatter, with two strategies (GradValueStrategy):
+// is a scatter, with three strategies (GradValueStrategy):
 //   kGlobalAtomics       backward_atomic_kernel: every contribution is an
 //                        atomic add to global memory (float4 / float2 vector
 //                        atomics on sm_90, scalar before).
@@ -47,7 +47,13 @@
 // 16 bytes on sm_90 but all of them queue at the L2 slices, while a shared
 // float atomicAdd stays on chip but compiles to a compare-and-swap loop
 // (ATOMS.CAST.SPIN, sm_80 and sm_90), several instructions per channel.
-// Neither is bitwise deterministic for grad_value (float atomics).
+// Neither is bitwise deterministic for grad_value (float atomics). The third,
+//   kDeterministic       backward_atomic_kernel with FixedPointAdd: every
+//                        contribution is rounded to a 64-bit integer with a
+//                        power-of-two scale bounded on the device (two
+//                        max_abs_kernel passes first) and added with integer
+//                        atomics, so the order cannot change the sum; then
+//                        fixed_point_to_acc_kernel converts back.
 //
 // All offsets are 64-bit; any batch size works (no im2col_step); grids are
 // capped and the kernels stride over the remaining work. No host sync: the
