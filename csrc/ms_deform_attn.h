@@ -42,9 +42,13 @@ struct BackwardBuffers {
 
 // Checks grad_output against the output shape, dtype and device of the call
 // and allocates the buffers (on the current device: take the guard first).
+// zero_grad_value false: the backend writes every grad_value element itself
+// (the CUDA deterministic strategy), so the buffer starts uninitialised
+// unless there is nothing to compute.
 BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
                                               const at::Tensor& sampling_locations,
-                                              const at::Tensor& attention_weights, const MsdaSizes& sz);
+                                              const at::Tensor& attention_weights, const MsdaSizes& sz,
+                                              bool zero_grad_value = true);
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

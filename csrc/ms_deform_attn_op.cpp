@@ -82,7 +82,8 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 
 BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
                                               const at::Tensor& sampling_locations,
-                                              const at::Tensor& attention_weights, const MsdaSizes& sz) {
+                                              const at::Tensor& attention_weights, const MsdaSizes& sz,
+                                              bool zero_grad_value) {
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
               "ms_deform_attn backward: grad_output ", grad_output.sizes(), " does not match the output shape");
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device() &&
@@ -91,7 +92,9 @@ BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, con
               value.device());
   BackwardBuffers buffers;
   buffers.has_work = grad_output.numel() > 0 && value.numel() > 0;
-  buffers.grad_value_acc = at::zeros(value.sizes(), value.options().dtype(ms_deform_attn_acc_type(value.scalar_type())));
+  const auto grad_value_options = value.options().dtype(ms_deform_attn_acc_type(value.scalar_type()));
+  buffers.grad_value_acc = zero_grad_value || !buffers.has_work ? at::zeros(value.sizes(), grad_value_options)
+                                                                : at::empty(value.sizes(), grad_value_options);
   buffers.grad_locations =
       buffers.has_work ? at::empty_like(sampling_locations) : at::zeros_like(sampling_locations);
   buffers.grad_attention = buffers.has_work ? at::empty_like(attention_weights) : at::zeros_like(attention_weights);

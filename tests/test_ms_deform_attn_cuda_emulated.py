@@ -7,8 +7,8 @@ inaccessible pages (cuda_emulation.Guarded): the margins of inputs hold NaN (a
 read out of bounds poisons the result) and inputs must stay bitwise
 unchanged; the margins of outputs hold a sentinel that must survive, and
 outputs start as NaN (every element must be written) except grad_value, which
-starts zeroed as the launcher requires. Each comparison runs every grad_value
-strategy the backward launcher offers. Replay a failure with the printed
+starts zeroed under the float-atomic strategies (they add into it). Each
+comparison runs every grad_value strategy. Replay a failure with the printed
 MSDA_TEST_SEED (it also seeds the emulated block and thread order).
 """
 import pytest
@@ -67,7 +67,9 @@ def run_emulated(emu, value, spatial_shapes, level_start_index, locations, atten
     emu.forward(inputs["value"].tensor, spatial_shapes, level_start_index, inputs["sampling_locations"].tensor,
                 inputs["attention_weights"].tensor, output.tensor)
     grads = {
-        "grad_value": Guarded(value.shape, acc, SENTINEL, interior=0.0),
+        # Zeroed, as the float-atomic strategies need; NaN for the deterministic one, which
+        # the glue leaves uninitialised because its conversion writes every element.
+        "grad_value": Guarded(value.shape, acc, SENTINEL, interior=float("nan") if strategy == DETERMINISTIC else 0.0),
         "grad_locations": Guarded(locations.shape, acc, SENTINEL, interior=float("nan")),
         "grad_attention": Guarded(attention.shape, acc, SENTINEL, interior=float("nan")),
     }
@@ -526,13 +528,39 @@ def test_emulator_catches_a_misaligned_vector_load(selftest):
                  "cudaErrorMisalignedAddress", "misaligned_vector_kernel", "16-byte aligned")
 
 
+# Run in a child process: after recovering from this real SIGSEGV, a later,
+# unrelated test in the same pytest process (torch.compile's imports) once hit
+# "malloc(): unsorted double linked list corrupted". The cause is not found, so
+# the fault is kept away from the other tests' process.
+ILLEGAL_ADDRESS_CHILD = """
+import ctypes, os, sys
+import torch
+from cuda_emulation import HERE, EmulatedLaunchError, load_library
+library = load_library("msda_emu_selftest", os.path.join(HERE, "msda_emu_selftest.cpp"))
+out = torch.zeros(32)
+try:
+    library.check(library.lib.msda_emu_selftest_illegal_address(ctypes.c_void_p(16), ctypes.c_void_p(out.data_ptr())))
+except EmulatedLaunchError as error:
+    print("ERROR", error.name, str(error).replace(chr(10), " "))
+# The next launch works again once the (sticky) fault was reset.
+result = torch.zeros(40, dtype=torch.float64)
+library.check(library.lib.msda_emu_selftest_partial_warp(ctypes.c_void_p(result.data_ptr())))
+print("NEXT", result.sum().item())
+"""
+
+
 def test_emulator_survives_an_illegal_address(selftest):
-    import ctypes
-    out = torch.zeros(32)
-    code = selftest.lib.msda_emu_selftest_illegal_address(ctypes.c_void_p(16), ptr(out))
-    expect_error(selftest, code, "cudaErrorIllegalAddress", "illegal memory access", "illegal_address_kernel")
-    # The next launch works again once the (sticky) fault was reset.
-    selftest.check(selftest.lib.msda_emu_selftest_partial_warp(ptr(torch.zeros(40, dtype=torch.float64))))
+    import os
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.run([sys.executable, "-c", ILLEGAL_ADDRESS_CHILD], capture_output=True, text=True,
+                           timeout=300, cwd=tests_dir, env={**os.environ, "PYTHONPATH": tests_dir})
+    assert child.returncode == 0, child.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in child.stdout.splitlines() if line.startswith(("ERROR", "NEXT")))
+    assert lines["ERROR"].startswith("cudaErrorIllegalAddress"), child.stdout
+    assert "illegal memory access" in lines["ERROR"] and "illegal_address_kernel" in lines["ERROR"], child.stdout
+    assert float(lines["NEXT"]) == 40 * 8.0  # partial_warp: each of 40 threads sums 8 lanes of 1.0
 
 
 def test_emulator_survives_a_thread_stack_overflow(selftest):

@@ -952,27 +952,33 @@ cudaError_t backward_typed(const MsdaSizes& sz, const void* grad_output, const v
   });
 }
 
+// Calls launch(scalar_t{}, acc_t{}) with the storage and accumulation types
+// of value_type.
+template <typename Launch>
+cudaError_t with_value_type(ValueType value_type, Launch&& launch) {
+  switch (value_type) {
+    case ValueType::kFloat32:
+      return launch(float(), float());
+    case ValueType::kFloat64:
+      return launch(double(), double());
+    case ValueType::kFloat16:
+      return launch(__half(), float());
+    case ValueType::kBFloat16:
+      return launch(__nv_bfloat16(), float());
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t ms_deform_attn_forward_cuda_launch(ValueType value_type, const MsdaSizes& sizes, const void* value,
                                                const int64_t* spatial_shapes, const int64_t* level_start_index,
                                                const void* sampling_locations, const void* attention_weights,
                                                void* output, cudaStream_t stream) {
-  switch (value_type) {
-    case ValueType::kFloat32:
-      return forward_typed<float, float>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                         attention_weights, output, stream);
-    case ValueType::kFloat64:
-      return forward_typed<double, double>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                           attention_weights, output, stream);
-    case ValueType::kFloat16:
-      return forward_typed<__half, float>(sizes, value, spatial_shapes, level_start_index, sampling_locations,
-                                          attention_weights, output, stream);
-    case ValueType::kBFloat16:
-      return forward_typed<__nv_bfloat16, float>(sizes, value, spatial_shapes, level_start_index,
-                                                 sampling_locations, attention_weights, output, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_value_type(value_type, [&](auto scalar, auto acc) {
+    return forward_typed<decltype(scalar), decltype(acc)>(sizes, value, spatial_shapes, level_start_index,
+                                                          sampling_locations, attention_weights, output, stream);
+  });
 }
 
 cudaError_t ms_deform_attn_backward_cuda_launch(ValueType value_type, const MsdaSizes& sizes,
@@ -982,25 +988,11 @@ cudaError_t ms_deform_attn_backward_cuda_launch(ValueType value_type, const Msda
                                                 void* grad_value_acc, void* grad_locations, void* grad_attention,
                                                 GradValueStrategy strategy, void* deterministic_workspace,
                                                 cudaStream_t stream) {
-  switch (value_type) {
-    case ValueType::kFloat32:
-      return backward_typed<float, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
-                                          sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                          grad_attention, strategy, deterministic_workspace, stream);
-    case ValueType::kFloat64:
-      return backward_typed<double, double>(sizes, grad_output, value, spatial_shapes, level_start_index,
-                                            sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                            grad_attention, strategy, deterministic_workspace, stream);
-    case ValueType::kFloat16:
-      return backward_typed<__half, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
-                                           sampling_locations, attention_weights, grad_value_acc, grad_locations,
-                                           grad_attention, strategy, deterministic_workspace, stream);
-    case ValueType::kBFloat16:
-      return backward_typed<__nv_bfloat16, float>(sizes, grad_output, value, spatial_shapes, level_start_index,
-                                                  sampling_locations, attention_weights, grad_value_acc,
-                                                  grad_locations, grad_attention, strategy, deterministic_workspace, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_value_type(value_type, [&](auto scalar, auto acc) {
+    return backward_typed<decltype(scalar), decltype(acc)>(
+        sizes, grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        grad_value_acc, grad_locations, grad_attention, strategy, deterministic_workspace, stream);
+  });
 }
 
 }  // namespace detr_cuda

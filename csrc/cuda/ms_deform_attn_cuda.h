@@ -7,8 +7,10 @@
 //   value / output / grad_output: float32, float64, float16 or bfloat16
 //   (ValueType); sampling_locations, attention_weights, grad_locations and
 //   grad_attention are float64 for float64 value and float32 otherwise;
-//   grad_value_acc is a ZEROED buffer of that same accumulation type (the
-//   caller casts it to the value dtype). All sums are taken in the
+//   grad_value_acc is a buffer of that same accumulation type (the caller
+//   casts it to the value dtype), ZEROED for kGlobalAtomics and
+//   kSharedAggregation (they add into it); kDeterministic writes every
+//   element. All sums are taken in the
 //   accumulation type.
 //
 // spatial_shapes (L, 2) and level_start_index (L,) are int64 device pointers.

@@ -79,8 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const GradValueStrategy strategy = grad_value_strategy_from_env();
-  const BackwardBuffers buffers = start_ms_deform_attn_backward(grad_output, value, sampling_locations,
-                                                                attention_weights, sz);
+  // The deterministic strategy converts its fixed-point sums into every grad_value element.
+  const BackwardBuffers buffers = start_ms_deform_attn_backward(
+      grad_output, value, sampling_locations, attention_weights, sz,
+      /*zero_grad_value=*/strategy != GradValueStrategy::kDeterministic);
   if (buffers.has_work) {
     // kDeterministic's fixed-point sums and two bounds (int64, zeroed).
     const at::Tensor workspace = strategy == GradValueStrategy::kDeterministic

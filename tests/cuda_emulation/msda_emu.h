@@ -257,6 +257,7 @@ struct Thread {
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 16 * 1024;
+constexpr size_t kSignalStackBytes = 1024 * 1024;  // the fault handler's stack (sigaltstack)
 
 struct Launch {
   const void* kernel;
@@ -702,10 +703,18 @@ inline cudaError_t run_launch(const Launch& launch) {
     return launch_error(g_sticky_fault, "launch of " + name + " after an earlier kernel fault");
   }
   prepare_threads(static_cast<int>(threads));
-  if (!g_sched.signal_stack) g_sched.signal_stack = static_cast<char*>(std::malloc(1 << 16));
+  // The fault handler formats its report on this stack (dladdr, the ELF
+  // symbol walk, demangling): give it room, mapped on its own with an
+  // inaccessible page below, so that it can never run into the heap.
+  if (!g_sched.signal_stack) {
+    void* map = mmap(nullptr, kSignalStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return launch_error(cudaErrorMemoryAllocation, "msda_emu: no memory for the signal stack");
+    mprotect(map, kGuardBytes, PROT_NONE);
+    g_sched.signal_stack = static_cast<char*>(map) + kGuardBytes;
+  }
   stack_t signal_stack{}, old_signal_stack{};
   signal_stack.ss_sp = g_sched.signal_stack;
-  signal_stack.ss_size = 1 << 16;
+  signal_stack.ss_size = kSignalStackBytes;
   sigaltstack(&signal_stack, &old_signal_stack);
   struct sigaction action{};
   action.sa_sigaction = signal_handler;
