@@ -49,7 +49,7 @@ def strategies(emu):
 
 
 def run_emulated(emu, value, spatial_shapes, level_start_index, locations, attention, grad_output,
-                 value_shift=0, output_shift=0, grad_output_shift=0, strategy=ATOMIC):
+                 value_shift=0, output_shift=0, grad_output_shift=0, grad_value_shift=0, strategy=ATOMIC):
     """Forward and backward through the emulated kernels, checking every guard.
 
     Returns (output, grad_value (accumulation dtype), grad_locations, grad_attention).
@@ -69,7 +69,8 @@ def run_emulated(emu, value, spatial_shapes, level_start_index, locations, atten
     grads = {
         # Zeroed, as the float-atomic strategies need; NaN for the deterministic one, which
         # the glue leaves uninitialised because its conversion writes every element.
-        "grad_value": Guarded(value.shape, acc, SENTINEL, interior=float("nan") if strategy == DETERMINISTIC else 0.0),
+        "grad_value": Guarded(value.shape, acc, SENTINEL, interior=float("nan") if strategy == DETERMINISTIC else 0.0,
+                              shift=grad_value_shift),
         "grad_locations": Guarded(locations.shape, acc, SENTINEL, interior=float("nan")),
         "grad_attention": Guarded(attention.shape, acc, SENTINEL, interior=float("nan")),
     }
@@ -204,6 +205,59 @@ def small_emu():
 def test_matches_reference_on_a_small_device(small_emu, dtype, channels, shapes, points):
     # 12 (batch, head) pairs on 2 SMs: persistent blocks loop over several work items.
     check_case(small_emu, dtype, shapes, channels, points, batch=3, queries=24, heads=4)
+
+
+@pytest.fixture(scope="module")
+def sm90_emu():
+    """The same kernels built with their sm_90 branch (MSDA_VECTOR_ATOMICS):
+    float grad_value contributions go out as float4 / float2 atomicAdds, which
+    must be aligned to their size and aimed at global memory (otherwise a
+    launch error here, as on a GPU)."""
+    try:
+        emulator = load_emulator(vector_atomics=True)
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    emulator.take_launch_log()
+    return emulator
+
+
+# (channels, shapes, points): 16-byte vectors (float4 atomics: C=32), 8-byte
+# vectors (float2 atomics: C=30), scalar (C=71), and P=8 on one level.
+SM90_CASES = [(32, FOUR_LEVELS, 4), (30, FOUR_LEVELS, 2), (71, FOUR_LEVELS, 2), (64, ONE_LEVEL, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels, shapes, points", SM90_CASES,
+                         ids=[f"C{c}-{len(s)}levels-P{p}" for c, s, p in SM90_CASES])
+def test_sm90_vector_atomics_match_reference(sm90_emu, dtype, channels, shapes, points):
+    sm90_emu.take_vector_atomics()
+    check_case(sm90_emu, dtype, shapes, channels, points)
+    vector_atomics = sm90_emu.take_vector_atomics()
+    # float accumulators with an even C take the vector branch; float64 has none.
+    if dtype == torch.float64 or channels % 2:
+        assert vector_atomics == 0
+    else:
+        assert vector_atomics > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which, shift, vector", [("grad_value", 1, False), ("grad_value", 2, True),
+                                                  ("value", 1, False), ("value", 2, True), ("grad_output", 1, False)])
+def test_sm90_misaligned_buffers_use_narrower_vector_atomics(sm90_emu, dtype, which, shift, vector):
+    """A buffer `shift` elements off 16-byte alignment: float2 atomics where
+    the pointers still allow 2-channel vectors, scalar ones where not (a
+    misaligned float4 / float2 atomicAdd is a launch error)."""
+    sm90_emu.take_vector_atomics()
+    check_case(sm90_emu, dtype, FOUR_LEVELS, 32, 2, **{f"{which}_shift": shift})
+    assert (sm90_emu.take_vector_atomics() > 0) == vector
+
+
+def test_sm90_emulation_is_a_separate_build(emu, sm90_emu):
+    """The portable build never runs a vector atomic (the sm_90 branch is compiled out)."""
+    emu.take_vector_atomics()
+    check_case(emu, torch.float32, FOUR_LEVELS, 32, 4)
+    assert emu.take_vector_atomics() == 0
+    assert emu.path != sm90_emu.path
 
 
 def launch_grid_x(line):
@@ -526,6 +580,29 @@ def test_emulator_catches_a_misaligned_vector_load(selftest):
     out = torch.zeros(32)
     expect_error(selftest, selftest.lib.msda_emu_selftest_misaligned_vector(ptr(data), ptr(out)),
                  "cudaErrorMisalignedAddress", "misaligned_vector_kernel", "16-byte aligned")
+
+
+def test_emulated_vector_atomics_add_and_count(selftest):
+    out = torch.zeros(12)
+    selftest.take_vector_atomics()
+    selftest.check(selftest.lib.msda_emu_selftest_vector_atomics(ptr(out), 5, 0))
+    # 3 blocks of 5 threads: threads 0, 2, 4 take the first vectors, 1, 3 the second.
+    expected = torch.tensor([9, 18, 27, 36, 6, 12, 18, 24, 45, 54, 30, 36], dtype=torch.float32)
+    assert torch.equal(out, expected), out
+    assert selftest.take_vector_atomics() == 2 * 15
+
+
+@pytest.mark.parametrize("offset, name", [(1, "float4"), (2, "float4")])
+def test_emulator_catches_a_misaligned_vector_atomic(selftest, offset, name):
+    out = torch.zeros(16)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_vector_atomics(ptr(out), 2, offset),
+                 "cudaErrorMisalignedAddress", f"{name} atomicAdd", "16-byte alignment", "vector_atomics_kernel")
+
+
+def test_emulator_catches_a_vector_atomic_on_shared_memory(selftest):
+    out = torch.zeros(32)
+    expect_error(selftest, selftest.lib.msda_emu_selftest_shared_vector_atomic(ptr(out)), "cudaErrorIllegalAddress",
+                 "float4 atomicAdd on shared memory", "shared_vector_atomic_kernel")
 
 
 # Run in a child process: after recovering from this real SIGSEGV, a later,

@@ -82,6 +82,15 @@ namespace {
 #ifndef MSDA_DYNAMIC_SHARED
 #define MSDA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
+// float4 / float2 atomicAdd to global memory exist from sm_90 on. The
+// emulator defines MSDA_VECTOR_ATOMICS=1 in its sm_90 build to run that branch.
+#ifndef MSDA_VECTOR_ATOMICS
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MSDA_VECTOR_ATOMICS 1
+#else
+#define MSDA_VECTOR_ATOMICS 0
+#endif
+#endif
 
 constexpr int kThreadsPerBlock = 256;
 // The shared-aggregation kernel runs one big block per SM (its accumulator
@@ -151,7 +160,7 @@ __device__ __forceinline__ ChannelVector<T, VEC> load_corner(const T* ptr, bool 
 // of VEC floats from a base aligned to min(16, 4 * VEC) bytes, is).
 template <int VEC>
 __device__ __forceinline__ void atomic_add_global(float* dst, const float (&v)[VEC]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if MSDA_VECTOR_ATOMICS
   if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int j = 0; j < VEC; j += 4) {

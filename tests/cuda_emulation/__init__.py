@@ -90,11 +90,14 @@ def _sources_for(source):
     return files
 
 
-def build_library(name, source):
-    """Compile ``source`` (a path) into a shared library once per content hash; return its path."""
+def build_library(name, source, defines=()):
+    """Compile ``source`` (a path) into a shared library once per content hash; return its path.
+
+    ``defines``: extra preprocessor definitions, e.g. ``("MSDA_VECTOR_ATOMICS=1",)``.
+    """
     cxx = compiler()
     include = cuda_include_dir()
-    command = [cxx] + CXX_FLAGS + ["-I" + CSRC, "-I" + HERE, "-I" + include]
+    command = [cxx] + CXX_FLAGS + ["-D" + define for define in defines] + ["-I" + CSRC, "-I" + HERE, "-I" + include]
     digest = hashlib.sha256(" ".join(command + LINK_FLAGS).encode())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest.update(version.encode())
@@ -151,6 +154,7 @@ class EmulatedLibrary:
         self.lib.msda_emu_set_device.argtypes = [ctypes.c_int, ctypes.c_int]
         self.lib.msda_emu_set_seed.argtypes = [ctypes.c_uint64]
         self.lib.msda_emu_set_time_limit.argtypes = [ctypes.c_double]
+        self.lib.msda_emu_take_vector_atomics.restype = ctypes.c_uint64
 
     def last_error_message(self):
         return self.lib.msda_emu_last_error_message().decode()
@@ -158,6 +162,10 @@ class EmulatedLibrary:
     def take_launch_log(self):
         """Lines "<kernel> grid=(..) block=(..) shared=<bytes>", one per launch since the last call."""
         return [line for line in self.lib.msda_emu_take_launch_log().decode().splitlines() if line]
+
+    def take_vector_atomics(self):
+        """How many float4 / float2 atomicAdds ran since the last call (0 unless built with vector_atomics)."""
+        return self.lib.msda_emu_take_vector_atomics()
 
     def set_device(self, sm_count=132, max_shared_optin_bytes=227 * 1024):
         self.lib.msda_emu_set_device(sm_count, max_shared_optin_bytes)
@@ -274,14 +282,17 @@ class Emulator(EmulatedLibrary):
         self.check(code)
 
 
-def load_emulator(sm_count=None, max_shared_optin_bytes=None):
+def load_emulator(sm_count=None, max_shared_optin_bytes=None, vector_atomics=False):
     """The operator's kernels, built (or reused) and loaded.
 
     With ``sm_count`` / ``max_shared_optin_bytes``, a separate copy of the
     library (its own static state: launchers may cache device attributes)
-    reports that device from its first cudaDeviceGetAttribute on.
+    reports that device from its first cudaDeviceGetAttribute on. With
+    ``vector_atomics``, the build runs the kernels' sm_90 branch (float4 /
+    float2 atomicAdd, under MSDA_VECTOR_ATOMICS) instead of the portable one.
     """
-    path = build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp"))
+    defines = ("MSDA_VECTOR_ATOMICS=1",) if vector_atomics else ()
+    path = build_library("msda_emu", os.path.join(HERE, "msda_emu_entry.cpp"), defines)
     if sm_count is None and max_shared_optin_bytes is None:
         return Emulator(path)
     sm_count = 132 if sm_count is None else sm_count

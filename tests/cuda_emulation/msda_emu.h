@@ -24,7 +24,8 @@
 //     __shfl_xor_sync (any mask, `width` as in PTX shfl.sync, any trivially
 //     copyable type of <= 8 bytes); __ballot_sync / __any_sync / __all_sync;
 //     atomicAdd (float, double, int, unsigned, unsigned long long; returns the
-//     old value), atomicExch, atomicMax / atomicMin (int, unsigned); __ldg.
+//     old value), atomicExch, atomicMax / atomicMin (int, unsigned); __ldg;
+//     the sm_90 float4 / float2 atomicAdd (aligned, global memory only).
 //   * A warp operation releases when every lane named in its mask (lanes that
 //     exist: a partial last warp has fewer) waits at the same kind of warp
 //     operation with the same mask (and shuffle mode and width). Undefined
@@ -65,6 +66,9 @@
 //     fibers except those the shuffled scheduling exposes; speed says nothing.
 //   * Code under `#if defined(__CUDA_ARCH__)`: g++ does not define it, so only
 //     the portable #else branch is compiled and run (nvcc compiles the rest).
+//     The .cu's one sm_90 branch (vector atomics) sits under
+//     MSDA_VECTOR_ATOMICS instead, which a second build defines
+//     (load_emulator(vector_atomics=True)), so both branches run here.
 //   * Static `__shared__` variables become function-level `static` variables:
 //     shared by all threads of a block as on hardware, but zero-initialised once
 //     per process and carrying values from block to block (not poisoned).
@@ -73,8 +77,8 @@
 //     register limits, and out-of-bounds accesses that stay inside mapped
 //     memory: the tests fence every buffer with NaN / sentinel margins and
 //     inaccessible pages (cuda_emulation.Guarded) for that.
-//   * Device-only intrinsics beyond those above (e.g. __fmaf_rn, __popc,
-//     vector atomics): add them here when a kernel needs them; the build
+//   * Device-only intrinsics beyond those above (e.g. __fmaf_rn, __popc):
+//     add them here when a kernel needs them; the build
 //     fails with "was not declared" until then.
 //
 // Running the tests:  python -m pytest -q tests/test_ms_deform_attn_cuda_emulated.py
@@ -872,6 +876,46 @@ inline unsigned atomicAdd(unsigned* address, unsigned v) { const unsigned old = 
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long v) {
   const unsigned long long old = *address;
   *address = old + v;
+  return old;
+}
+// float4 / float2 atomicAdd (sm_90+; the .cu calls them under
+// MSDA_VECTOR_ATOMICS, which the emulator's sm_90 build defines). As on the
+// GPU they need an address aligned to the vector's size
+// (cudaErrorMisalignedAddress otherwise) and work on global memory only.
+// g_vector_atomics counts them, so that a test can tell the branch ran.
+namespace msda_emu {
+inline uint64_t g_vector_atomics = 0;
+
+template <typename V>
+inline void check_vector_atomic(const V* address, const char* type) {
+  require_in_kernel("a vector atomicAdd");
+  const auto bytes = reinterpret_cast<uintptr_t>(address);
+  if (bytes % sizeof(V) != 0) {
+    char text[200];
+    std::snprintf(text, sizeof(text), "msda_emu: misaligned access: %s atomicAdd at %p (needs %zu-byte alignment)", type,
+                  static_cast<const void*>(address), sizeof(V));
+    fault_in_fiber(cudaErrorMisalignedAddress, std::string(text) + " (" + where() + ")");
+  }
+  const auto shared = reinterpret_cast<uintptr_t>(g_dynamic_shared);
+  if (bytes >= shared && bytes < shared + sizeof(g_dynamic_shared)) {
+    fault_in_fiber(cudaErrorIllegalAddress, "msda_emu: " + std::string(type) +
+                                                " atomicAdd on shared memory (vector atomics work on global memory only) (" +
+                                                where() + ")");
+  }
+  ++g_vector_atomics;
+}
+}  // namespace msda_emu
+
+inline float4 atomicAdd(float4* address, float4 v) {
+  msda_emu::check_vector_atomic(address, "float4");
+  const float4 old = *address;
+  *address = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
+  return old;
+}
+inline float2 atomicAdd(float2* address, float2 v) {
+  msda_emu::check_vector_atomic(address, "float2");
+  const float2 old = *address;
+  *address = make_float2(old.x + v.x, old.y + v.y);
   return old;
 }
 template <typename T>

@@ -32,3 +32,10 @@ extern "C" __attribute__((visibility("default"))) const char* msda_emu_take_laun
 
 // Clears the errors (a kernel fault is sticky, as on a GPU).
 extern "C" __attribute__((visibility("default"))) void msda_emu_reset_errors() { msda_emu::reset_errors(); }
+
+// float4 / float2 atomicAdds run since the last call (only the sm_90 build makes any).
+extern "C" __attribute__((visibility("default"))) uint64_t msda_emu_take_vector_atomics() {
+  const uint64_t count = msda_emu::g_vector_atomics;
+  msda_emu::g_vector_atomics = 0;
+  return count;
+}

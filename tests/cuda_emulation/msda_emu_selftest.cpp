@@ -137,6 +137,21 @@ __global__ void misaligned_vector_kernel(const float* in, float* out) {
   out[threadIdx.x] = v.v[0];
 }
 
+// Each thread adds (1, 2, 3, 4) to the float4 at out + 4 * (threadIdx.x % 2)
+// + offset, and (5, 6) to the float2 at out + 8 + 2 * (threadIdx.x % 2) + offset.
+__global__ void vector_atomics_kernel(float* out, int offset) {
+  atomicAdd(reinterpret_cast<float4*>(out + 4 * (threadIdx.x % 2) + offset), make_float4(1.0f, 2.0f, 3.0f, 4.0f));
+  atomicAdd(reinterpret_cast<float2*>(out + 8 + 2 * (threadIdx.x % 2) + offset), make_float2(5.0f, 6.0f));
+}
+
+__global__ void shared_vector_atomic_kernel(float* out) {
+  MSDA_DYNAMIC_SHARED(float, shared);
+  if (threadIdx.x < 4) shared[threadIdx.x] = 0.0f;
+  __syncthreads();
+  atomicAdd(reinterpret_cast<float4*>(shared), make_float4(1.0f, 1.0f, 1.0f, 1.0f));
+  out[threadIdx.x] = 0.0f;
+}
+
 __global__ void illegal_address_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
 
 __global__ void stack_overflow_kernel(float* out, int index) {
@@ -264,6 +279,18 @@ SELFTEST int msda_emu_selftest_block_size(float* out, int x, int y, int z) {
 SELFTEST int msda_emu_selftest_misaligned_vector(const float* in, float* out) {
   const auto kernel = misaligned_vector_kernel;
   MSDA_LAUNCH(kernel, 1, 32, 0, nullptr)(in, out);
+  return finish();
+}
+
+SELFTEST int msda_emu_selftest_vector_atomics(float* out, int threads, int offset) {
+  const auto kernel = vector_atomics_kernel;
+  MSDA_LAUNCH(kernel, 3, threads, 0, nullptr)(out, offset);
+  return finish();
+}
+
+SELFTEST int msda_emu_selftest_shared_vector_atomic(float* out) {
+  const auto kernel = shared_vector_atomic_kernel;
+  MSDA_LAUNCH(kernel, 1, 32, 64, nullptr)(out);
   return finish();
 }
 
