@@ -293,7 +293,9 @@ def test_shared_strategy_grid_and_budget(emu, sm_count, optin, blocks):
     assert_close_to_reference(shared, reference(*inputs, grad_output), torch.float32, SHARED)
     assert torch.equal(shared[0], atomic[0])
     assert torch.equal(shared[2], atomic[2]) and torch.equal(shared[3], atomic[3])
-    torch.testing.assert_close(shared[1], atomic[1], rtol=1e-5, atol=1e-6)
+    # grad_value: the same sums in another order (relative to max |grad_value|: elements near
+    # zero after cancellation carry the order's rounding too).
+    assert max_abs_error_ratio(shared[1], atomic[1]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
