@@ -94,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                      sampling_locations.data_ptr(), attention_weights.data_ptr(),
                      buffers.grad_value_acc.data_ptr(), buffers.grad_locations.data_ptr(),
                      buffers.grad_attention.data_ptr(), strategy,
-                     workspace.defined() ? workspace.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
+                     workspace.defined() ? workspace.data_ptr() : nullptr,
+                     c10::cuda::getCurrentCUDAStream().stream()),
                  "backward");
   }
   return buffers.finish(value.scalar_type());
