@@ -8,7 +8,9 @@ rebuilt and an unchanged one is reused. ``load_emulator()`` wraps the operator
 library: ``forward`` / ``backward`` take CPU tensors, run the exact CUDA
 kernels on the CPU and raise ``EmulatedLaunchError`` (code, message) on a
 launch or kernel error. ``EmulatorUnavailable`` means g++ or the CUDA headers
-are missing: the tests skip with its message.
+are missing: the tests skip with its message. Pass a tensor to a library
+function as ``pointer(tensor)``, never as a bare ``c_void_p(t.data_ptr())``:
+only the former keeps a temporary tensor alive until the kernel has run.
 """
 import ctypes
 import glob
