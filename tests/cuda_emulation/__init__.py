@@ -8,7 +8,9 @@ rebuilt and an unchanged one is reused. ``load_emulator()`` wraps the operator
 library: ``forward`` / ``backward`` take CPU tensors, run the exact CUDA
 kernels on the CPU and raise ``EmulatedLaunchError`` (code, message) on a
 launch or kernel error. ``EmulatorUnavailable`` means g++ or the CUDA headers
-are missing: the tests skip with its message.
+are missing: the tests skip with its message. Pass a tensor to a library
+function as ``pointer(tensor)``, never as a bare ``c_void_p(t.data_ptr())``:
+only the former keeps a temporary tensor alive until the kernel has run.
 """
 import ctypes
 import glob
@@ -234,8 +236,20 @@ class Guarded:
         return torch.equal(self.buffer.view(torch.uint8), self.before.view(torch.uint8))
 
 
-def _ptr(tensor):
-    return ctypes.c_void_p(tensor.data_ptr()) if tensor is not None else ctypes.c_void_p(0)
+def pointer(tensor):
+    """``tensor``'s data as a ctypes argument that keeps ``tensor`` alive as long as the argument lives.
+
+    A bare ``ctypes.c_void_p(tensor.data_ptr())`` holds only the address: in
+    ``lib.f(c_void_p(torch.zeros(40).data_ptr()))`` the zeros are freed before
+    ``f`` runs, and a kernel writing there overwrites malloc's free-list links,
+    so the process aborts later in unrelated code ("malloc(): unsorted double
+    linked list corrupted"). ``None`` gives a null pointer.
+    """
+    if tensor is None:
+        return ctypes.c_void_p(0)
+    argument = ctypes.c_void_p(tensor.data_ptr())
+    argument.tensor = tensor  # the call's argument tuple holds this object, so the tensor outlives the call
+    return argument
 
 
 # detr_cuda::GradValueStrategy (csrc/cuda/ms_deform_attn_cuda.h).
@@ -262,8 +276,8 @@ class Emulator(EmulatedLibrary):
     def forward(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output):
         """Writes ``output`` (B, Q, H*C) of value's dtype; all tensors contiguous CPU tensors (views allowed)."""
         code = self.lib.msda_emu_forward(
-            VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(value), _ptr(spatial_shapes),
-            _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights), _ptr(output))
+            VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), pointer(value), pointer(spatial_shapes),
+            pointer(level_start_index), pointer(sampling_locations), pointer(attention_weights), pointer(output))
         self.check(code)
 
     def backward(self, grad_output, value, spatial_shapes, level_start_index, sampling_locations,
@@ -276,9 +290,10 @@ class Emulator(EmulatedLibrary):
         if strategy == DETERMINISTIC and workspace is None:
             workspace = torch.zeros(value.numel() + 2, dtype=torch.int64)
         code = self.lib.msda_emu_backward(
-            VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), _ptr(grad_output), _ptr(value),
-            _ptr(spatial_shapes), _ptr(level_start_index), _ptr(sampling_locations), _ptr(attention_weights),
-            _ptr(grad_value_acc), _ptr(grad_locations), _ptr(grad_attention), strategy, _ptr(workspace))
+            VALUE_TYPES[value.dtype], *self.sizes(value, sampling_locations), pointer(grad_output), pointer(value),
+            pointer(spatial_shapes), pointer(level_start_index), pointer(sampling_locations),
+            pointer(attention_weights), pointer(grad_value_acc), pointer(grad_locations), pointer(grad_attention),
+            strategy, pointer(workspace))
         self.check(code)
 
 
