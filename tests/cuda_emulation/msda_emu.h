@@ -757,6 +757,13 @@ inline cudaError_t run_launch(const Launch& launch) {
   sigaction(SIGBUS, &g_sched.previous[1], nullptr);
   sigaction(SIGFPE, &g_sched.previous[2], nullptr);
   setitimer(ITIMER_VIRTUAL, &previous_timer, nullptr);
+  // A SIGVTALRM still pending from this launch's timer is discarded (setting
+  // SIG_IGN does that) before the previous action, often the default one,
+  // which ends the process, comes back.
+  struct sigaction ignore{};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  sigaction(SIGVTALRM, &ignore, nullptr);
   sigaction(SIGVTALRM, &g_sched.previous[3], nullptr);
   sigaltstack(&old_signal_stack, nullptr);
   g_sched.launch = nullptr;
