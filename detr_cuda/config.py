@@ -130,7 +130,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_select: int = 100                 # top-k detections per image
-    batch_size: int = 2
+    batch_size: int = 2                   # per process; 1 makes scores independent of batch padding
     score_threshold: float = 0.0
 
 
