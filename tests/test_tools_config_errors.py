@@ -30,3 +30,9 @@ def test_legacy_local_rank_argument_is_accepted():
     result = run([sys.executable, TRAIN, "--local-rank=0", "--config", BASE_CONFIG, "train.lrr=1"], timeout=120)
     assert "unrecognized arguments" not in result.stderr
     assert "unknown config field 'train.lrr'" in result.stderr
+
+
+def test_eval_help_names_the_file_it_writes():
+    result = run([sys.executable, EVAL, "--help"], timeout=120)
+    assert result.returncode == 0
+    assert "detections.json" in result.stdout and "detections_" not in result.stdout

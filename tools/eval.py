@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 tools/eval.py --config ... --weights ...
 
 --weights takes our checkpoints (EMA weights when the run kept them) or the
-official Deformable DETR files. Writes eval.json and detections_*.json (COCO
+official Deformable DETR files. Writes eval.json and detections.json (COCO
 results format, the dataset's own category ids) to --output-dir (default:
 train.output_dir), and beside them per_class_ap.png and pr_curve.png (needs the
 optional matplotlib: pip install matplotlib; skipped with a message without it,
