@@ -8,7 +8,9 @@
 
 --resume continues a run exactly (weights, optimizer, schedule, scaler, EMA,
 position in the epoch, random streams); "auto" takes checkpoint_last.pth from
-train.output_dir if there is one. --weights only initialises the model (fine-
+train.output_dir if there is one. --resume PATH without --config goes on in
+PATH's folder; a train.output_dir other than PATH's folder must not hold a
+checkpoint_last.pth of its own (it would be overwritten). --weights only initialises the model (fine-
 tuning; official Deformable DETR checkpoints included). Overrides are
 section.field=value, e.g. train.lr=1e-4 data.train_images=/data/coco/train2017.
 """
@@ -35,12 +37,18 @@ def parse_args(argv=None):
 
 
 def resolve_config(args):
-    """The run's config: --config (or, for --resume PATH alone, the checkpoint's) plus overrides."""
+    """The run's config: --config (or, for --resume PATH alone, the checkpoint's) plus overrides.
+
+    With --resume PATH alone the run goes on in PATH's own folder (not the
+    output folder stored in the checkpoint, which may be another run's after
+    a copy) unless train.output_dir is given as an override.
+    """
     if args.config is None and args.resume not in (None, "auto"):
         from detr_cuda.engine.checkpoint import check_training_checkpoint, load_file
         checkpoint = load_file(args.resume)
         check_training_checkpoint(checkpoint, args.resume)
         config = config_from_dict(checkpoint["config"])
+        config.train.output_dir = os.path.dirname(os.path.abspath(args.resume))
         for text in args.overrides:
             apply_override(config, *parse_override(text))
         return config
