@@ -5,7 +5,7 @@ import torch
 
 from . import distributed
 from .evaluate import evaluate
-from .weights import load_weights
+from .weights import load_weights, short_list
 
 
 def run_evaluation(cfg, weights, output_dir, prefer_ema=True):
@@ -55,6 +55,8 @@ def check_class_heads(report, weights, dataset):
     absent = report["categories_not_in_file"]
     if absent:
         raise ValueError(
-            f"class mismatch: {weights} has a {report['file_num_classes']}-class head without category ids "
-            f"{absent} of the validation set {annotations} ({dataset.num_classes} classes); evaluate on the "
-            "dataset the checkpoint was trained on (or fine-tune it on this one with tools/train.py --weights)")
+            f"class mismatch: {weights} has a {report['file_num_classes']}-class head (category ids "
+            f"{short_list(report['file_category_ids'])}), the validation set {annotations} has "
+            f"{dataset.num_classes} classes, {len(absent)} of them without a trained row (ids {short_list(absent)}); "
+            "evaluate on the dataset the checkpoint was trained on (or fine-tune it on this one with "
+            "tools/train.py --weights)")

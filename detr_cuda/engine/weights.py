@@ -48,6 +48,14 @@ def stored_category_ids(checkpoint):
     return [int(i) for i in ids] if ids else None
 
 
+def short_list(values, limit=10):
+    """'[a, b, c]' or '[a, ..., j, ... (N in all)]' for long lists in messages."""
+    values = list(values)
+    if len(values) <= limit:
+        return str(values)
+    return "[" + ", ".join(str(v) for v in values[:limit]) + f", ... ({len(values)} in all)]"
+
+
 def _rows_by_category(file_ids, model_ids):
     """For each model label the file row with the same category id (None where the file lacks it)."""
     row_of = {category: row for row, category in enumerate(file_ids)}
@@ -153,7 +161,8 @@ def load_weights(model, path, category_ids=None, prefer_ema=False, log=print):
         log(f"  class heads mapped through the file's category map ({len(file_ids)} categories) onto this "
             f"dataset's {len(category_ids)} classes by category id: {len(mapped)} tensors ({mapped[0]} ...)")
         if absent:
-            log(f"  categories not in the file (their class rows keep the fresh initialisation): {absent}")
+            log(f"  {len(absent)} categories not in the file (their class rows keep the fresh initialisation): "
+                f"{short_list(absent)}")
     elif mapped:
         log(f"  class heads mapped by category id onto this dataset's {len(category_ids)} classes: "
             f"{len(mapped)} tensors ({mapped[0]} ...)")
