@@ -39,11 +39,12 @@ def main(argv=None):
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from detr_cuda.engine.checkpoint import CheckpointError
     from detr_cuda.engine.evaluation_run import run_evaluation
     output_dir = args.output_dir or config.train.output_dir
     try:
         run_evaluation(config, args.weights, output_dir, prefer_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.no_plots and int(os.environ.get("RANK", "0")) == 0:

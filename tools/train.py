@@ -64,13 +64,17 @@ def main(argv=None):
         print("error: --resume continues a run (and restores its weights); --weights starts a new run from "
               "weights. Use one of them.", file=sys.stderr)
         return 2
+    from detr_cuda.engine.checkpoint import CheckpointError
     try:
         config = resolve_config(args)
     except ConfigError as error:
         print(f"{prefix}config error: {error}", file=sys.stderr)
         return 2
+    except (CheckpointError, FileNotFoundError) as error:  # --resume PATH without --config reads PATH
+        print(f"{prefix}error: {error}", file=sys.stderr)
+        return 2
 
-    from detr_cuda.data import DatasetValidationError
+    from detr_cuda.data import AnnotationFileError, DatasetValidationError
     from detr_cuda.engine.distributed import PeerLostError
     from detr_cuda.engine.train_loop import NonFiniteLossError
     from detr_cuda.engine.trainer import ResumeConfigMismatch, run_training
@@ -83,7 +87,8 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 1
-    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError) as error:
+    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError,
+            AnnotationFileError, CheckpointError) as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 2
 
