@@ -3,8 +3,9 @@
 A config file is YAML with the sections below (``model``, ``dn``, ``loss``,
 ``data``, ``train``, ``eval``); ``_base_: other.yaml`` inherits another file
 (path relative to this one). ``key.sub=value`` overrides are parsed as YAML
-scalars. An unknown field or a value of the wrong type raises ``ConfigError``
-naming the field, so a typo never becomes a silent no-op.
+scalars. An unknown field, a value of the wrong type or a string outside a
+field's fixed choices (``CHOICES``) raises ``ConfigError`` naming the field, so
+a typo never becomes a silent no-op or a late failure.
 """
 import dataclasses
 import types
@@ -144,6 +145,30 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# String fields with a fixed set of values, checked whenever a value is set (file, override or checkpoint), so
+# a typo fails at config load instead of at first use (e.g. train.amp only at the first training step). The
+# modules using them keep their own checks; tests/test_config.py keeps these lists equal to theirs.
+CHOICES = {
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.query_type": ("deformable", "anchor"),
+    "model.msda_backend": ("auto", "cpu", "cuda", "reference"),  # or null; any letter case
+    "data.dataset": ("coco", "synthetic"),
+    "data.invalid_annotations": ("fail", "skip"),
+    "data.check_images": ("none", "header", "full"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+}
+_CASE_INSENSITIVE = ("model.msda_backend",)
+
+
+def _check_choice(value, name):
+    allowed = CHOICES.get(name)
+    if allowed is None or value is None:
+        return
+    if (value.lower() if name in _CASE_INSENSITIVE else value) not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
 def _check_value(value, annotation, name):
     """Returns value converted to ``annotation`` or raises ConfigError naming ``name``."""
     origin = typing.get_origin(annotation)
@@ -199,7 +224,9 @@ def _merge_dict(config, values, prefix=""):
         if dataclasses.is_dataclass(current):
             _merge_dict(current, value, name + ".")
         else:
-            setattr(config, key, _check_value(value, hints[key], name))
+            checked = _check_value(value, hints[key], name)
+            _check_choice(checked, name)
+            setattr(config, key, checked)
 
 
 def _load_yaml_tree(path, seen=()):

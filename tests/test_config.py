@@ -23,6 +23,10 @@ def test_overrides_are_typed():
     ("train.epochs=1.5", "train.epochs: expected an integer"),
     ("data.train_short_sides=5", "data.train_short_sides: expected a list"),
     ("train.lr", "must look like section.field=value"),
+    ("model.backbone=resnet99", "model.backbone: 'resnet99' is not one of resnet18, resnet34, resnet50, resnet101"),
+    ("train.device=tpu", "train.device: 'tpu' is not one of auto, cpu, cuda"),
+    ("train.amp=fp8", "train.amp: 'fp8' is not one of none, bf16, fp16"),
+    ("data.dataset=voc", "data.dataset: 'voc' is not one of coco, synthetic"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
@@ -47,3 +51,24 @@ def test_missing_file_is_named(tmp_path):
 def test_dict_round_trip():
     config = load_config(None, ["dn.enabled=true", "model.num_classes=7"])
     assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_choices_are_the_ones_the_modules_accept():
+    from detr_cuda.config import CHOICES
+    from detr_cuda.data.validate import CHECK_IMAGE_MODES, POLICIES
+    from detr_cuda.models.backbone import RESNET_SPECS
+    from detr_cuda.ops.functional import BACKENDS
+    assert set(CHOICES["model.backbone"]) == set(RESNET_SPECS)
+    assert set(CHOICES["model.msda_backend"]) == set(BACKENDS) | {"auto"}
+    assert CHOICES["data.check_images"] == CHECK_IMAGE_MODES and CHOICES["data.invalid_annotations"] == POLICIES
+    load_config(None, ["model.msda_backend=CPU", "model.msda_backend=null"])  # any case, or none
+
+
+def test_a_bad_choice_in_a_yaml_file_or_a_checkpoint_config_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  amp: fp8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.amp: 'fp8' is not one of"):
+        load_config(tmp_path / "bad.yaml")
+    values = config_to_dict(load_config())
+    values["model"]["backbone"] = "resnet99"
+    with pytest.raises(ConfigError, match="model.backbone: 'resnet99'"):
+        config_from_dict(values)

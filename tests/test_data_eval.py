@@ -75,7 +75,8 @@ def test_ground_truth_as_detections_gives_ap_1_on_coco128(coco128_val, tmp_path)
     assert written["metrics"] == metrics["metrics"] and len(written["coco_stats"]) == 12
     with open(tmp_path / "detections.json") as handle:
         detections = json.load(handle)
-    assert len(detections) == 929 and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+    # exactly the COCO results format: nothing pycocotools' loadRes adds (segmentation, area, id, iscrowd)
+    assert len(detections) == 929 and all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)
     assert {d["category_id"] for d in detections} <= {c for c in rows}  # written in the dataset's own ids
     assert "person" in format_metrics(metrics)
 

@@ -107,8 +107,10 @@ def test_full_decode_and_header_modes_find_the_truncation(corrupted_coco128):
 
 
 def test_build_dataset_names_bad_policy_values(tmp_path):
-    cfg = load_config(None, ["data.dataset=synthetic", f"data.synthetic_dir={tmp_path}",
-                             "data.invalid_annotations=ignore"])
+    with pytest.raises(ValueError, match="data.invalid_annotations: 'ignore' is not one of fail, skip"):
+        load_config(None, ["data.invalid_annotations=ignore"])  # the config load already refuses it
+    cfg = load_config(None, ["data.dataset=synthetic", f"data.synthetic_dir={tmp_path}"])
+    cfg.data.invalid_annotations = "ignore"  # set in code: build_dataset still checks
     with pytest.raises(ValueError, match=r"data.invalid_annotations must be one of \('fail', 'skip'\)"):
         build_dataset(cfg, "train")
 

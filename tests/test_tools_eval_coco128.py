@@ -64,3 +64,26 @@ def test_eval_accepts_an_official_style_91_class_checkpoint(tmp_path):
     assert result.returncode == 0, explain(result)
     assert "class heads mapped by category id onto this dataset's 80 classes" in result.stdout
     assert (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_eval_refuses_a_checkpoint_whose_classes_the_dataset_does_not_match(tmp_path):
+    """A 3-class checkpoint (ids 1, 2, 3) on 80-class coco128: untrained rows would score 77 classes."""
+    import torch
+
+    from detr_cuda.config import load_config
+    from detr_cuda.engine.checkpoint import FORMAT
+    from detr_cuda.models import build_model
+
+    config = load_config(BASE_CONFIG, TINY)
+    model, _, _ = build_model(config, 3)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "epoch": 0,
+                "category_map": {"label_to_category_id": [1, 2, 3], "class_names": ["person", "bicycle", "car"]}},
+               tmp_path / "three_class.pth")
+    data = ["data.dataset=coco", *_subset(tmp_path), "data.val_short_side=96", "data.val_max_size=128"]
+    result = run([sys.executable, EVAL, "--config", BASE_CONFIG, *TINY, *data, "--no-plots",
+                  "--weights", str(tmp_path / "three_class.pth"), "--output-dir", str(tmp_path / "eval")],
+                 timeout=240)
+    assert result.returncode == 2, explain(result)
+    assert "3-class head" in result.stderr and "80 classes" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "eval" / "eval.json").exists()

@@ -94,6 +94,54 @@ def test_weights_reinitialise_or_map_class_heads_and_report(tmp_path):
     assert "class_embed.1.bias" in report["mapped"]
 
 
+def _our_checkpoint(model, category_ids, path):
+    torch.save({"format": ckpt_io.FORMAT, "model": model.state_dict(), "epoch": 0,
+                "category_map": {"label_to_category_id": list(category_ids),
+                                 "class_names": [f"c{i}" for i in category_ids]}}, path)
+
+
+def test_weights_from_our_checkpoint_keep_each_class_row_on_its_category_id(tmp_path):
+    # An 80-class run (labels 0..79 = COCO ids 1..90 with gaps) fine-tuned on ids 1, 2, 3 (person, bicycle,
+    # car): row k must come from the file's row of the same category id, not from row "category id".
+    coco_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+    source = Named(num_classes=80)
+    _our_checkpoint(source, coco_ids, tmp_path / "coco80.pth")
+    lines = []
+    target = Named(num_classes=3)
+    report = load_weights(target, tmp_path / "coco80.pth", category_ids=[1, 2, 3], log=lines.append)
+    for layer in range(2):
+        assert torch.equal(target.class_embed[layer].weight, source.class_embed[layer].weight[[0, 1, 2]])
+        assert torch.equal(target.class_embed[layer].bias, source.class_embed[layer].bias[[0, 1, 2]])
+    assert report["mapped"] == ["class_embed.0.weight", "class_embed.0.bias", "class_embed.1.weight",
+                                "class_embed.1.bias"]
+    assert report["categories_not_in_file"] == [] and report["file_num_classes"] == 80
+    assert any("through the file's category map" in line for line in lines)
+
+    # Same head size, other categories: still by id; an id the file lacks keeps its fresh row.
+    subset = Named(num_classes=3)
+    fresh = subset.class_embed[0].weight.detach().clone()
+    _our_checkpoint(target, [1, 2, 3], tmp_path / "three.pth")
+    report = load_weights(subset, tmp_path / "three.pth", category_ids=[3, 1, 7], log=lines.append)
+    assert torch.equal(subset.class_embed[0].weight[0], target.class_embed[0].weight[2])
+    assert torch.equal(subset.class_embed[0].weight[1], target.class_embed[0].weight[0])
+    assert torch.equal(subset.class_embed[0].weight[2], fresh[2])
+    assert report["categories_not_in_file"] == [7]
+
+
+def test_weights_map_the_dn_label_book_by_category_id(tmp_path):
+    class Book(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.label_enc = nn.Embedding(num_classes + 1, 4)  # last row: "no label"
+
+    source = Book(5)
+    _our_checkpoint(source, [2, 4, 6, 8, 10], tmp_path / "book.pth")
+    target = Book(2)
+    report = load_weights(target, tmp_path / "book.pth", category_ids=[8, 2], log=lambda line: None)
+    assert report["mapped"] == ["label_enc.weight"]
+    assert torch.equal(target.label_enc.weight, source.label_enc.weight[[3, 0, 5]])
+
+
 def test_resume_config_check_ignores_only_harmless_fields():
     a = load_config(None, [])
     b = load_config(None, ["train.max_steps=10", "train.epochs=60", "data.num_workers=0"])

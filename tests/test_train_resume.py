@@ -53,3 +53,24 @@ def test_resume_refuses_a_changed_config_and_weights_only_initialise(tmp_path):
     assert checkpoint["step"] == 1
     both = train(["--weights", str(weights), "--resume", "auto", *tiny_args(tmp_path, "x")])
     assert both.returncode == 2 and "Use one of them" in both.stderr
+
+
+def test_resume_path_writes_beside_the_checkpoint_not_into_the_stored_folder(tmp_path):
+    import shutil
+    first = train(tiny_args(tmp_path, "original", ["train.max_steps=2"]))
+    assert first.returncode == 0, explain(first)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    original_bytes = (tmp_path / "original" / "checkpoint_last.pth").read_bytes()
+
+    # --resume PATH alone: the stored config names "original" as output folder; the run must go on in "copy".
+    resumed = train(["--resume", str(tmp_path / "copy" / "checkpoint_last.pth"), "train.max_steps=3"])
+    assert resumed.returncode == 0, explain(resumed)
+    assert (tmp_path / "original" / "checkpoint_last.pth").read_bytes() == original_bytes
+    assert torch.load(tmp_path / "copy" / "checkpoint_last.pth", weights_only=True)["step"] == 3
+
+    # Told to write into a folder holding another run's checkpoint: a clear refusal, nothing overwritten.
+    clash = train(["--resume", str(tmp_path / "copy" / "checkpoint_last.pth"), "train.max_steps=4",
+                   f"train.output_dir={tmp_path / 'original'}"])
+    assert clash.returncode == 2, explain(clash)
+    assert "holds another checkpoint_last.pth" in clash.stderr and "Traceback" not in clash.stderr
+    assert (tmp_path / "original" / "checkpoint_last.pth").read_bytes() == original_bytes

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 tools/eval.py --config ... --weights ...
 
 --weights takes our checkpoints (EMA weights when the run kept them) or the
-official Deformable DETR files. Writes eval.json and detections_*.json (COCO
+official Deformable DETR files. Writes eval.json and detections.json (COCO
 results format, the dataset's own category ids) to --output-dir (default:
 train.output_dir), and beside them per_class_ap.png and pr_curve.png (needs the
 optional matplotlib: pip install matplotlib; skipped with a message without it,
@@ -39,11 +39,12 @@ def main(argv=None):
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from detr_cuda.engine.checkpoint import CheckpointError
     from detr_cuda.engine.evaluation_run import run_evaluation
     output_dir = args.output_dir or config.train.output_dir
     try:
         run_evaluation(config, args.weights, output_dir, prefer_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.no_plots and int(os.environ.get("RANK", "0")) == 0:

@@ -8,7 +8,9 @@
 
 --resume continues a run exactly (weights, optimizer, schedule, scaler, EMA,
 position in the epoch, random streams); "auto" takes checkpoint_last.pth from
-train.output_dir if there is one. --weights only initialises the model (fine-
+train.output_dir if there is one. --resume PATH without --config goes on in
+PATH's folder; a train.output_dir other than PATH's folder must not hold a
+checkpoint_last.pth of its own (it would be overwritten). --weights only initialises the model (fine-
 tuning; official Deformable DETR checkpoints included). Overrides are
 section.field=value, e.g. train.lr=1e-4 data.train_images=/data/coco/train2017.
 """
@@ -35,12 +37,18 @@ def parse_args(argv=None):
 
 
 def resolve_config(args):
-    """The run's config: --config (or, for --resume PATH alone, the checkpoint's) plus overrides."""
+    """The run's config: --config (or, for --resume PATH alone, the checkpoint's) plus overrides.
+
+    With --resume PATH alone the run goes on in PATH's own folder (not the
+    output folder stored in the checkpoint, which may be another run's after
+    a copy) unless train.output_dir is given as an override.
+    """
     if args.config is None and args.resume not in (None, "auto"):
         from detr_cuda.engine.checkpoint import check_training_checkpoint, load_file
         checkpoint = load_file(args.resume)
         check_training_checkpoint(checkpoint, args.resume)
         config = config_from_dict(checkpoint["config"])
+        config.train.output_dir = os.path.dirname(os.path.abspath(args.resume))
         for text in args.overrides:
             apply_override(config, *parse_override(text))
         return config
@@ -56,13 +64,17 @@ def main(argv=None):
         print("error: --resume continues a run (and restores its weights); --weights starts a new run from "
               "weights. Use one of them.", file=sys.stderr)
         return 2
+    from detr_cuda.engine.checkpoint import CheckpointError
     try:
         config = resolve_config(args)
     except ConfigError as error:
         print(f"{prefix}config error: {error}", file=sys.stderr)
         return 2
+    except (CheckpointError, FileNotFoundError) as error:  # --resume PATH without --config reads PATH
+        print(f"{prefix}error: {error}", file=sys.stderr)
+        return 2
 
-    from detr_cuda.data import DatasetValidationError
+    from detr_cuda.data import AnnotationFileError, DatasetValidationError
     from detr_cuda.engine.distributed import PeerLostError
     from detr_cuda.engine.train_loop import NonFiniteLossError
     from detr_cuda.engine.trainer import ResumeConfigMismatch, run_training
@@ -75,7 +87,8 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 1
-    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError) as error:
+    except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError,
+            AnnotationFileError, CheckpointError) as error:
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 2
 

@@ -8,4 +8,4 @@ from .coco import CocoDetection
 from .coco_eval import CocoEvaluator, format_metrics
 from .loader import build_dataloader, collate_fn
 from .transforms import build_transforms
-from .validate import DatasetValidationError
+from .validate import AnnotationFileError, DatasetValidationError

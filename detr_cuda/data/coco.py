@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from .validate import apply_policy, validate_coco_dict
+from .validate import AnnotationFileError, apply_policy, validate_coco_dict
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ def load_instances_json(annotation_file):
     """Parsed instances JSON; a clear error naming the file when it is missing or malformed."""
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"annotation file not found: {annotation_file}")
-    with open(annotation_file) as handle:
+    with open(annotation_file, encoding="utf-8") as handle:
         try:
             coco_dict = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{annotation_file}: not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AnnotationFileError(f"{annotation_file}: not valid JSON: {error}") from error
     if not isinstance(coco_dict, dict) or "images" not in coco_dict or "categories" not in coco_dict:
-        raise ValueError(f"{annotation_file}: not a COCO instances file (needs 'images' and 'categories')")
+        raise AnnotationFileError(f"{annotation_file}: not a COCO instances file (needs 'images' and 'categories')")
     coco_dict.setdefault("annotations", [])
     return coco_dict
 

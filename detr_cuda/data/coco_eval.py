@@ -97,7 +97,9 @@ def evaluate_coco(coco_gt, coco_results, image_ids, class_names=None):
         raise ValueError(f"image ids {unknown[:10]} are not in the ground truth")
     silent = io.StringIO()
     with contextlib.redirect_stdout(silent):
-        coco_dt = coco_gt.loadRes(coco_results) if coco_results else _empty_results(coco_gt)
+        # loadRes adds segmentation/area/id/iscrowd to each dict it is given: hand it copies so that
+        # the caller's list (written to detections.json) stays in the COCO results format.
+        coco_dt = coco_gt.loadRes([dict(r) for r in coco_results]) if coco_results else _empty_results(coco_gt)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()

@@ -44,6 +44,10 @@ CHECK_IMAGE_MODES = ("none", "header", "full")
 POLICIES = ("fail", "skip")
 
 
+class AnnotationFileError(ValueError):
+    """The annotation file is not a readable COCO instances JSON; the message names the file."""
+
+
 class DatasetValidationError(ValueError):
     """The dataset has invalid entries and the policy is "fail"; the message lists them."""
 

@@ -30,6 +30,13 @@ LAST_NAME = "checkpoint_last.pth"
 BEST_NAME = "checkpoint_best.pth"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used: unreadable (truncated, not a torch file) or not of the kind needed.
+
+    The message names the path; tools turn it into exit code 2 without a traceback.
+    """
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -66,10 +73,14 @@ def load_file(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling error names the offending global
         if "weights_only" not in str(error) and "Unsupported global" not in str(error):
-            raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+            raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file?): "
+                                  f"{str(error).splitlines()[0]}") from error
         warnings.warn(f"{path} pickles Python objects beyond tensors ({str(error).splitlines()[0]}); "
                       "loading it with weights_only=False. Only load checkpoints you trust.", stacklevel=2)
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from error
 
 
 def capture_rng_state():
@@ -104,6 +115,6 @@ def find_resume_checkpoint(output_dir):
 def check_training_checkpoint(checkpoint, path):
     """Raises a clear error when ``checkpoint`` cannot be resumed from."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a detr_cuda training checkpoint (no format={FORMAT!r}); --resume continues one of "
             "our runs exactly. To start from other weights (e.g. an official Deformable DETR file) use --weights.")

@@ -3,10 +3,9 @@ import os
 
 import torch
 
-from . import checkpoint as ckpt_io
 from . import distributed
 from .evaluate import evaluate
-from .weights import load_weights
+from .weights import load_weights, short_list
 
 
 def run_evaluation(cfg, weights, output_dir, prefer_ema=True):
@@ -24,12 +23,9 @@ def run_evaluation(cfg, weights, output_dir, prefer_ema=True):
             raise ValueError("the config names no validation set (data.val_images / data.val_annotations)")
         log(dataset.summary())
         model, _, postprocessor = build_model(cfg, dataset.num_classes)
-        checkpoint = ckpt_io.load_file(weights)
-        saved_map = checkpoint.get("category_map") if isinstance(checkpoint, dict) else None
-        if saved_map is not None and saved_map.get("label_to_category_id") != dataset.label_to_category_id:
-            log(f"WARNING: {weights} was trained with category ids {saved_map.get('label_to_category_id')}, "
-                f"this dataset has {dataset.label_to_category_id}; labels are mapped by position")
-        load_weights(model, weights, category_ids=dataset.label_to_category_id, prefer_ema=prefer_ema, log=log)
+        report = load_weights(model, weights, category_ids=dataset.label_to_category_id, prefer_ema=prefer_ema,
+                              log=log)
+        check_class_heads(report, weights, dataset)
         model.to(device)
         loader = build_dataloader(dataset, cfg.eval.batch_size, train=False,
                                   distributed=distributed.get_world_size() > 1,
@@ -39,3 +35,28 @@ def run_evaluation(cfg, weights, output_dir, prefer_ema=True):
         return evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=log)
     finally:
         distributed.cleanup()
+
+
+def check_class_heads(report, weights, dataset):
+    """Raises ValueError when some of the dataset's classes would be scored by untrained class rows.
+
+    Evaluating is only meaningful when every category of the validation set
+    has a trained row in the file: the same categories, a superset (rows are
+    picked by category id) or the official 91-way head. A re-initialised head
+    would print a plausible-looking but meaningless COCO table.
+    """
+    annotations = getattr(dataset, "annotation_file", "the validation set")
+    if report["reinitialised"]:
+        raise ValueError(
+            f"class count mismatch: {weights} has a {report['file_num_classes']}-class head, the validation set "
+            f"{annotations} has {dataset.num_classes} classes, and its rows cannot be matched by category id; "
+            "evaluate on the dataset the checkpoint was trained on (or fine-tune it on this one with "
+            "tools/train.py --weights)")
+    absent = report["categories_not_in_file"]
+    if absent:
+        raise ValueError(
+            f"class mismatch: {weights} has a {report['file_num_classes']}-class head (category ids "
+            f"{short_list(report['file_category_ids'])}), the validation set {annotations} has "
+            f"{dataset.num_classes} classes, {len(absent)} of them without a trained row (ids {short_list(absent)}); "
+            "evaluate on the dataset the checkpoint was trained on (or fine-tune it on this one with "
+            "tools/train.py --weights)")

@@ -137,6 +137,7 @@ class Trainer:
         if resume_path is not None:
             checkpoint = ckpt_io.load_file(resume_path)
             ckpt_io.check_training_checkpoint(checkpoint, resume_path)
+            self._check_resume_folder(resume_path)
             differences = config_differences(checkpoint["config"], config_module.config_to_dict(cfg))
             if differences and not allow_config_change:
                 raise ResumeConfigMismatch(
@@ -224,6 +225,25 @@ class Trainer:
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such file")
         return resume
+
+    def _check_resume_folder(self, resume_path):
+        """Refuses to resume into a folder whose checkpoint_last.pth is not the one being resumed.
+
+        Checkpoints of the continued run go to train.output_dir; when that is not
+        the resumed file's folder it must not hold a checkpoint of another run.
+        """
+        own = os.path.join(self.output_dir, ckpt_io.LAST_NAME)
+        if os.path.realpath(os.path.dirname(os.path.abspath(resume_path))) == os.path.realpath(self.output_dir):
+            return
+        if os.path.exists(own) and not os.path.samefile(own, resume_path):
+            raise FileExistsError(
+                f"--resume {resume_path}: train.output_dir {self.output_dir} holds another {ckpt_io.LAST_NAME}, "
+                f"which the resumed run would overwrite. Resume with train.output_dir="
+                f"{os.path.dirname(os.path.abspath(resume_path))} (the checkpoint's folder; the default for "
+                "--resume PATH without --config) or a new folder.")
+        if self.is_main:
+            print(f"--resume {resume_path}: the run continues in train.output_dir {self.output_dir}, "
+                  "not in the checkpoint's folder", flush=True)
 
     def _restore(self, checkpoint, path):
         self.model.load_state_dict(checkpoint["model"])
