@@ -20,7 +20,7 @@ from .ema import ModelEMA
 from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
-from .signals import StopRequest, WorkerSignalShield
+from .signals import StopRequest, shield_loader_workers, shutdown_loader_workers
 from .train_loop import NonFiniteLossError, TrainState, train_one_epoch
 from .weights import load_weights
 
@@ -188,7 +188,7 @@ class Trainer:
                                                seed=train_cfg.seed)
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
-                loader.worker_init_fn = WorkerSignalShield(loader.worker_init_fn)
+                shield_loader_workers(loader)
         self.steps_per_epoch = max(1, -(-len(self.train_loader) // max(1, train_cfg.accumulate_steps)))
         self.total_steps = train_cfg.epochs * self.steps_per_epoch
         if train_cfg.max_steps > 0:
@@ -329,7 +329,13 @@ class Trainer:
         return 0
 
     def close(self):
-        self.logger.close()
+        """Stops the loaders' workers (they ignore SIGTERM, see signals.py) and closes the logs."""
+        try:
+            for loader in (self.train_loader, self.val_loader):
+                if loader is not None:
+                    shutdown_loader_workers(loader)
+        finally:
+            self.logger.close()
 
 
 def run_training(cfg, resume=None, weights=None, allow_config_change=False):
