@@ -21,14 +21,14 @@ from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
 from .signals import StopRequest, shield_loader_workers, shutdown_loader_workers
-from .train_loop import NonFiniteLossError, TrainState, train_one_epoch
+from .train_loop import NonFiniteLossError, TrainState, step_checkpoint_due, train_one_epoch
 from .weights import load_weights
 
 # Fields a resumed run may change without --allow-config-change: they do not alter what is being trained.
 RESUME_MUTABLE_FIELDS = ("train.epochs", "train.max_steps", "train.log_interval", "train.eval_every",
-                         "train.checkpoint_every", "train.keep_epoch_checkpoints", "train.output_dir",
-                         "train.dist_timeout_s", "data.num_workers", "eval.batch_size", "eval.num_select",
-                         "eval.score_threshold")
+                         "train.checkpoint_every", "train.checkpoint_every_steps", "train.keep_epoch_checkpoints",
+                         "train.output_dir", "train.dist_timeout_s", "data.num_workers", "eval.batch_size",
+                         "eval.num_select", "eval.score_threshold")
 
 
 class ResumeConfigMismatch(ValueError):
@@ -260,6 +260,12 @@ class Trainer:
             ckpt_io.save_atomic(checkpoint, os.path.join(self.output_dir, copy_name))
         return path
 
+    def save_step_checkpoint(self):
+        """The mid-epoch checkpoint_last.pth of ``train.checkpoint_every_steps`` (collective)."""
+        path = self.save(ckpt_io.LAST_NAME)
+        self.logger.info(f"checkpoint at iteration {self.state.step} (epoch {self.state.epoch}, batch "
+                         f"{self.state.batch}) written to {path}")
+
     def run_evaluation(self):
         eval_model = self.ema.module if self.ema is not None else self.model
         metrics = evaluate(eval_model, self.postprocessor, self.val_loader, self.val_dataset, self.device,
@@ -283,7 +289,7 @@ class Trainer:
                 reason, means = train_one_epoch(
                     self.ddp_model, self.criterion, self.train_loader, self.optimizer, self.lr_scheduler,
                     self.scaler, self.ema, self.state, train_cfg, self.device, self.logger, self.stop,
-                    self.total_steps, self.model)
+                    self.total_steps, self.model, save_checkpoint=self.save_step_checkpoint)
                 if reason == "epoch_done":
                     self.state.epoch += 1
                     self.state.batch = 0
@@ -309,7 +315,9 @@ class Trainer:
                 copies = [ckpt_io.BEST_NAME] if is_best else []
                 if reason == "epoch_done" and train_cfg.keep_epoch_checkpoints:
                     copies.append(f"checkpoint{epoch:04d}.pth")
-                if finished_run or is_best or (reason == "epoch_done" and self.state.epoch % max(1, train_cfg.checkpoint_every) == 0):
+                epoch_due = reason == "epoch_done" and self.state.epoch % max(1, train_cfg.checkpoint_every) == 0
+                steps_due = step_checkpoint_due(self.state.step, train_cfg.checkpoint_every_steps)
+                if finished_run or is_best or epoch_due or steps_due:
                     self.save(ckpt_io.LAST_NAME, copies)
                 if finished_run:
                     break
