@@ -53,6 +53,44 @@ def config_differences(saved, current):
             if key not in RESUME_MUTABLE_FIELDS and saved_flat.get(key) != current_flat.get(key)]
 
 
+def world_size_change_message(path, saved_world_size, world_size, state, batch_size, accumulate_steps,
+                              saved_steps_per_epoch, steps_per_epoch, lr_drop):
+    """The WARNING of a resume with another number of processes: what changes, line by line.
+
+    ``state`` is the restored TrainState (``state.batch`` = batches each old rank consumed in
+    ``state.epoch``); ``saved_steps_per_epoch`` is the LR schedule's stored value (None if unknown).
+    """
+    accumulate = max(1, accumulate_steps)
+    lines = [f"WARNING: {path} was written by {saved_world_size} processes, this run has {world_size}:",
+             "  - random streams are re-seeded: the continuation is not bit-identical to an uninterrupted run"]
+    if saved_world_size:
+        lines.append(f"  - images per optimizer step: {batch_size * saved_world_size * accumulate} -> "
+                     f"{batch_size * world_size * accumulate} (train.batch_size {batch_size} x processes x "
+                     f"accumulate {accumulate}); the learning rate is not rescaled")
+        per_rank = state.batch * batch_size  # samples each rank had taken from this epoch's order
+        trained, restart = saved_world_size * per_rank, world_size * per_rank
+        if restart < trained:
+            lines.append(f"  - epoch {state.epoch}: images 0..{trained - 1} of its order were trained on; this run "
+                         f"continues after image {restart - 1 if restart else 'none'}, so the {trained - restart} "
+                         "images between are trained on twice this epoch")
+        elif restart > trained:
+            lines.append(f"  - epoch {state.epoch}: images 0..{trained - 1 if trained else 'none'} of its order were "
+                         f"trained on; this run continues after image {restart - 1}, so images {trained}.."
+                         f"{restart - 1} ({restart - trained}) are skipped this epoch")
+    if saved_steps_per_epoch is not None and saved_steps_per_epoch != steps_per_epoch:
+        text = (f"  - the LR schedule keeps the stored {saved_steps_per_epoch} steps per epoch (this run has "
+                f"{steps_per_epoch})")
+        if lr_drop > 0:
+            period = lr_drop * saved_steps_per_epoch
+            next_drop = (state.step // period + 1) * period  # first 0-based optimizer step with the lower lr
+            epoch_of_drop = state.epoch + (next_drop - state.step + state.batch // accumulate) // max(1, steps_per_epoch)
+            text += (f": the next drop (train.lr_drop={lr_drop} epochs) comes at iteration {next_drop + 1}, "
+                     f"in epoch {epoch_of_drop} of this run (epoch {next_drop // saved_steps_per_epoch} at the "
+                     "stored rate)")
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -240,9 +278,13 @@ class Trainer:
         if checkpoint.get("world_size") == self.world_size and len(rng_states) == self.world_size:
             ckpt_io.restore_rng_state(rng_states[self.rank])
         else:
-            self.logger.info(f"WARNING: {path} was written by {checkpoint.get('world_size')} processes, this run "
-                             f"has {self.world_size}: random streams are re-seeded, so the continuation is not "
-                             "bit-identical to an uninterrupted run")
+            try:
+                saved_steps_per_epoch = int(checkpoint["lr_scheduler"]["lr_lambdas"][0]["steps_per_epoch"])
+            except (KeyError, IndexError, TypeError, ValueError):
+                saved_steps_per_epoch = None
+            self.logger.info(world_size_change_message(
+                path, checkpoint.get("world_size"), self.world_size, self.state, self.cfg.train.batch_size,
+                self.cfg.train.accumulate_steps, saved_steps_per_epoch, self.steps_per_epoch, self.cfg.train.lr_drop))
         self.logger.info(f"resumed {path}: epoch {self.state.epoch}, batch {self.state.batch}, "
                          f"step {self.state.step}, best AP {self.state.best_ap}")
 
