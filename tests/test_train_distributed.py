@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train_helpers import (REPO_ROOT, TRAIN, BASE_CONFIG, TINY, env, explain, free_port, read_log, tiny_args,
-                           torchrun, write_fixed_coco)
+                           torchrun, train, write_fixed_coco)
 
 
 def test_two_process_torchrun_trains_and_rank0_writes(tmp_path):
@@ -25,6 +25,14 @@ def test_two_process_torchrun_trains_and_rank0_writes(tmp_path):
     assert (output / "config.yaml").read_text().count("world_size") == 0  # the resolved config, not run state
     checkpoint = torch.load(output / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+
+    # Continued by one process: the warning says what that changes (8 images: 2 -> 4 steps per epoch).
+    alone = train(["--resume", "auto", *tiny_args(tmp_path, extra=["train.max_steps=4"])])
+    assert alone.returncode == 0, explain(alone)
+    assert "written by 2 processes, this run has 1" in alone.stdout
+    assert "images per optimizer step: 4 -> 2" in alone.stdout
+    assert "the 2 images between are trained on twice this epoch" in alone.stdout
+    assert "keeps the stored 2 steps per epoch (this run has 4)" in alone.stdout
 
 
 def _launch_node(node_rank, nnodes, port, args, rdzv="static", log_dir=None):

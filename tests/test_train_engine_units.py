@@ -11,8 +11,8 @@ from detr_cuda.config import load_config
 from detr_cuda.engine import checkpoint as ckpt_io
 from detr_cuda.engine.ema import ModelEMA
 from detr_cuda.engine.optim import build_lr_scheduler, build_optimizer
-from detr_cuda.engine.train_loop import non_finite_outputs, weighted_total
-from detr_cuda.engine.trainer import config_differences
+from detr_cuda.engine.train_loop import TrainState, non_finite_outputs, weighted_total
+from detr_cuda.engine.trainer import config_differences, world_size_change_message
 from detr_cuda.engine.weights import load_weights
 
 
@@ -184,3 +184,23 @@ def test_weights_fill_aliased_head_keys(tmp_path):
     target = Refine()
     report = load_weights(target, tmp_path / "heads_once.pth", log=lambda line: None)
     assert report["missing"] == [] and torch.equal(target.bbox_embed[0].weight, source.bbox_embed[0].weight)
+
+
+def test_world_size_change_warning_says_what_changes():
+    # 2 processes x batch 2 wrote it in epoch 1 after 1 batch per rank (images 0..3 of the epoch's order).
+    fewer = world_size_change_message("ck.pth", 2, 1, TrainState(epoch=1, batch=1, step=3), batch_size=2,
+                                      accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=4, lr_drop=7)
+    assert "written by 2 processes, this run has 1" in fewer and "re-seeded" in fewer
+    assert "images per optimizer step: 4 -> 2" in fewer
+    assert "images 0..3 of its order were trained on" in fewer and "the 2 images between are trained on twice" in fewer
+    assert "keeps the stored 2 steps per epoch (this run has 4)" in fewer
+    # 0-based step 14 is the first after 7 epochs of 2 steps; this run has 3 more steps in epoch 1, then 4 per epoch.
+    assert "iteration 15, in epoch 4 of this run (epoch 7 at the stored rate)" in fewer
+    more = world_size_change_message("ck.pth", 1, 2, TrainState(epoch=0, batch=2, step=2), batch_size=2,
+                                     accumulate_steps=1, saved_steps_per_epoch=4, steps_per_epoch=2, lr_drop=0)
+    assert "images per optimizer step: 2 -> 4" in more
+    assert "images 4..7 (4) are skipped this epoch" in more
+    assert "keeps the stored 4 steps per epoch (this run has 2)" in more and "next drop" not in more
+    boundary = world_size_change_message("ck.pth", 2, 4, TrainState(epoch=3, batch=0, step=8), batch_size=2,
+                                         accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=2, lr_drop=7)
+    assert "trained on" not in boundary and "steps per epoch" not in boundary

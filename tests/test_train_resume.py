@@ -1,7 +1,9 @@
 """--resume continues the same run exactly; --resume and --weights are different things."""
+import sys
+
 import torch
 
-from train_helpers import explain, read_log, tiny_args, train
+from train_helpers import TRAIN, env, explain, read_log, run, tiny_args, train
 
 STEPS = ["train.deterministic=true"]  # 8 images, batch 2: 4 steps per epoch
 
@@ -74,3 +76,47 @@ def test_resume_path_writes_beside_the_checkpoint_not_into_the_stored_folder(tmp
     assert clash.returncode == 2, explain(clash)
     assert "holds another checkpoint_last.pth" in clash.stderr and "Traceback" not in clash.stderr
     assert (tmp_path / "original" / "checkpoint_last.pth").read_bytes() == original_bytes
+
+
+# tools/train.py, except that the process dies (os._exit: no checkpoint, no clean-up, like SIGKILL)
+# right after optimizer step CRASH_STEP has been logged.
+CRASHING_TRAIN = f"""
+import os, runpy, sys
+from detr_cuda.engine import train_loop
+log_interval = train_loop._log_interval
+def log_then_die(meter, state, *args, **kwargs):
+    log_interval(meter, state, *args, **kwargs)
+    if state.step == int(os.environ["CRASH_STEP"]):
+        os._exit(9)
+train_loop._log_interval = log_then_die
+sys.argv[0] = {TRAIN!r}
+runpy.run_path({TRAIN!r}, run_name="__main__")
+"""
+
+
+def test_step_checkpoints_let_a_killed_run_resume_exactly(tmp_path):
+    # 4 steps per epoch, no per-epoch checkpoint: only train.checkpoint_every_steps=3 writes mid-run.
+    config = [*STEPS, "train.checkpoint_every=100", "train.checkpoint_every_steps=3", "train.max_steps=6"]
+    straight = train(tiny_args(tmp_path, "straight", config))
+    assert straight.returncode == 0, explain(straight)
+    crash_env = {**env(), "CRASH_STEP": "5"}
+    crashed = run([sys.executable, "-c", CRASHING_TRAIN, *tiny_args(tmp_path, "killed", config)], env=crash_env)
+    assert crashed.returncode == 9, explain(crashed)
+    assert "checkpoint at iteration 3 (epoch 0, batch 3)" in crashed.stdout, explain(crashed)
+    checkpoint = torch.load(tmp_path / "killed" / "checkpoint_last.pth", weights_only=True)
+    assert (checkpoint["step"], checkpoint["next_epoch"], checkpoint["next_batch"]) == (3, 0, 3)
+
+    resumed = train(["--resume", "auto", *tiny_args(tmp_path, "killed", config)])
+    assert resumed.returncode == 0, explain(resumed)
+    assert "epoch 0, batch 3, step 3" in resumed.stdout
+    reference = _losses(tmp_path / "straight")
+    continued = _losses(tmp_path / "killed")  # the resumed run's records replace the killed run's 4 and 5
+    for step in (4, 5, 6):
+        for key, value in reference[step].items():
+            if key.startswith("loss") or key in ("grad_norm", "lr_main"):
+                assert continued[step][key] == value, (step, key, value, continued[step][key])
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint_last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

@@ -7,7 +7,10 @@ import time
 
 import torch
 
-from train_helpers import REPO_ROOT, TRAIN, env, explain, read_log, tiny_args, train
+from train_helpers import REPO_ROOT, TRAIN, env, explain, read_log, tiny_args, train, write_fixed_coco
+
+# Generous bound for a tiny run to end once it failed: exceeding it means it hangs.
+HANG_LIMIT_S = 120
 
 
 def test_sigterm_to_the_process_group_writes_a_checkpoint_and_exits_0(tmp_path):
@@ -55,3 +58,77 @@ def test_tolerated_bad_steps_are_skipped(tmp_path):
                                               "train.clip_max_norm=0", "train.max_bad_steps=2"]))
     assert result.returncode == 1, explain(result)
     assert result.stdout.count("skipping it") == 2
+
+
+def _session_processes(session_id):
+    """Pids of the live (non-zombie) processes of a session (the run and its DataLoader workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _finish(process):
+    """(stdout, stderr, pids left in its session) of a run in its own session; kills it on a hang."""
+    try:
+        stdout, stderr = process.communicate(timeout=HANG_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the run did not exit within {HANG_LIMIT_S} s (hang)\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    time.sleep(0.5)  # a worker that outlived its parent would still be listed
+    left = _session_processes(process.pid)
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)
+    return stdout, stderr, left
+
+
+def test_a_failure_with_loader_workers_exits_non_zero_and_stops_the_workers(tmp_path):
+    # A worker fails mid-epoch (an unreadable image); the workers ignore SIGTERM, and the process
+    # used to hang at exit in multiprocessing's join of them.
+    data = write_fixed_coco(tmp_path / "coco", num_images=4)
+    (tmp_path / "coco" / "images" / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    args = tiny_args(tmp_path, extra=[*data, "data.check_images=none", "data.num_workers=1",
+                                      "train.max_steps=100000"])
+    process = subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env(), cwd=REPO_ROOT, start_new_session=True)
+    stdout, stderr, left = _finish(process)
+    assert process.returncode not in (0, None), (stdout[-3000:], stderr[-3000:])
+    assert "cannot read image" in stderr and "0003.png" in stderr, stderr[-3000:]
+    assert not left, f"processes left behind: {left}"
+
+
+def test_a_second_ctrl_c_interrupts_at_once_with_loader_workers(tmp_path):
+    # Ctrl-C reaches the whole group; the second one raises KeyboardInterrupt in the main process.
+    # Four micro-batches per step keep the first stop request pending while the second arrives.
+    args = tiny_args(tmp_path, extra=["train.max_steps=100000", "data.num_workers=1", "train.accumulate_steps=4",
+                                      "data.synthetic_train_images=16"])
+    process = subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env(), cwd=REPO_ROOT, start_new_session=True)
+    try:
+        log = tmp_path / "run" / "log.jsonl"
+        deadline = time.time() + HANG_LIMIT_S
+        while not (log.exists() and log.read_text().count('"train_interval"') >= 1):
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    stdout, stderr, left = _finish(process)
+    assert process.returncode not in (0, None), (stdout[-3000:], stderr[-3000:])
+    assert "KeyboardInterrupt" in stderr, stderr[-3000:]
+    assert "stopped by SIGINT" not in stdout
+    assert not left, f"processes left behind: {left}"

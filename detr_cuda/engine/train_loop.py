@@ -75,11 +75,14 @@ class _Meter:
 
 
 def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, scaler, ema, state, train_cfg, device,
-                    logger, stop, total_steps, unwrapped_model):
+                    logger, stop, total_steps, unwrapped_model, save_checkpoint=None):
     """Trains until the epoch ends, ``train.max_steps`` is reached or a stop signal arrives.
 
     Returns (reason, epoch_means): reason is "epoch_done", "max_steps" or "stopped";
     epoch_means are the rank-averaged means of the loss terms over this call.
+    ``save_checkpoint()`` (collective, every rank calls it) is called after every
+    ``train.checkpoint_every_steps``-th optimizer step inside the epoch; the step that
+    ends the epoch or the call is left to the caller, which checkpoints there anyway.
     Raises NonFiniteLossError (state still describes the last good step).
     """
     model.train()
@@ -176,7 +179,16 @@ def train_one_epoch(model, criterion, loader, optimizer, lr_scheduler, scaler, e
             return "stopped", distributed.reduce_dict_mean(epoch_meter.mean(), device)
         if train_cfg.max_steps > 0 and state.step >= train_cfg.max_steps:
             return "max_steps", distributed.reduce_dict_mean(epoch_meter.mean(), device)
+        if (save_checkpoint is not None and batch_index < batches_in_epoch
+                and step_checkpoint_due(state.step, train_cfg.checkpoint_every_steps)):
+            save_checkpoint()
+            last_end = time.perf_counter()  # the write is not data time
     return "epoch_done", distributed.reduce_dict_mean(epoch_meter.mean(), device)
+
+
+def step_checkpoint_due(step, every_steps):
+    """True when ``train.checkpoint_every_steps`` (0 = off) asks for a checkpoint after ``step``."""
+    return every_steps > 0 and step % every_steps == 0
 
 
 def _record_step_timing(meter, grad_norm, data_time, step_time):

@@ -20,15 +20,15 @@ from .ema import ModelEMA
 from .evaluate import evaluate, scalar_metrics
 from .logger import RunLogger, format_seconds
 from .optim import build_lr_scheduler, build_optimizer
-from .signals import StopRequest, WorkerSignalShield
-from .train_loop import NonFiniteLossError, TrainState, train_one_epoch
+from .signals import StopRequest, shield_loader_workers, shutdown_loader_workers
+from .train_loop import NonFiniteLossError, TrainState, step_checkpoint_due, train_one_epoch
 from .weights import load_weights
 
 # Fields a resumed run may change without --allow-config-change: they do not alter what is being trained.
 RESUME_MUTABLE_FIELDS = ("train.epochs", "train.max_steps", "train.log_interval", "train.eval_every",
-                         "train.checkpoint_every", "train.keep_epoch_checkpoints", "train.output_dir",
-                         "train.dist_timeout_s", "data.num_workers", "eval.batch_size", "eval.num_select",
-                         "eval.score_threshold")
+                         "train.checkpoint_every", "train.checkpoint_every_steps", "train.keep_epoch_checkpoints",
+                         "train.output_dir", "train.dist_timeout_s", "data.num_workers", "eval.batch_size",
+                         "eval.num_select", "eval.score_threshold")
 
 
 class ResumeConfigMismatch(ValueError):
@@ -51,6 +51,44 @@ def config_differences(saved, current):
     return [f"{key}: {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"
             for key in sorted(set(saved_flat) | set(current_flat))
             if key not in RESUME_MUTABLE_FIELDS and saved_flat.get(key) != current_flat.get(key)]
+
+
+def world_size_change_message(path, saved_world_size, world_size, state, batch_size, accumulate_steps,
+                              saved_steps_per_epoch, steps_per_epoch, lr_drop):
+    """The WARNING of a resume with another number of processes: what changes, line by line.
+
+    ``state`` is the restored TrainState (``state.batch`` = batches each old rank consumed in
+    ``state.epoch``); ``saved_steps_per_epoch`` is the LR schedule's stored value (None if unknown).
+    """
+    accumulate = max(1, accumulate_steps)
+    lines = [f"WARNING: {path} was written by {saved_world_size} processes, this run has {world_size}:",
+             "  - random streams are re-seeded: the continuation is not bit-identical to an uninterrupted run"]
+    if saved_world_size:
+        lines.append(f"  - images per optimizer step: {batch_size * saved_world_size * accumulate} -> "
+                     f"{batch_size * world_size * accumulate} (train.batch_size {batch_size} x processes x "
+                     f"accumulate {accumulate}); the learning rate is not rescaled")
+        per_rank = state.batch * batch_size  # samples each rank had taken from this epoch's order
+        trained, restart = saved_world_size * per_rank, world_size * per_rank
+        if restart < trained:
+            lines.append(f"  - epoch {state.epoch}: images 0..{trained - 1} of its order were trained on; this run "
+                         f"continues after image {restart - 1 if restart else 'none'}, so the {trained - restart} "
+                         "images between are trained on twice this epoch")
+        elif restart > trained:
+            lines.append(f"  - epoch {state.epoch}: images 0..{trained - 1 if trained else 'none'} of its order were "
+                         f"trained on; this run continues after image {restart - 1}, so images {trained}.."
+                         f"{restart - 1} ({restart - trained}) are skipped this epoch")
+    if saved_steps_per_epoch is not None and saved_steps_per_epoch != steps_per_epoch:
+        text = (f"  - the LR schedule keeps the stored {saved_steps_per_epoch} steps per epoch (this run has "
+                f"{steps_per_epoch})")
+        if lr_drop > 0:
+            period = lr_drop * saved_steps_per_epoch
+            next_drop = (state.step // period + 1) * period  # first 0-based optimizer step with the lower lr
+            epoch_of_drop = state.epoch + (next_drop - state.step + state.batch // accumulate) // max(1, steps_per_epoch)
+            text += (f": the next drop (train.lr_drop={lr_drop} epochs) comes at iteration {next_drop + 1}, "
+                     f"in epoch {epoch_of_drop} of this run (epoch {next_drop // saved_steps_per_epoch} at the "
+                     "stored rate)")
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def seed_everything(seed):
@@ -189,7 +227,7 @@ class Trainer:
                                                seed=train_cfg.seed)
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
-                loader.worker_init_fn = WorkerSignalShield(loader.worker_init_fn)
+                shield_loader_workers(loader)
         self.steps_per_epoch = max(1, -(-len(self.train_loader) // max(1, train_cfg.accumulate_steps)))
         self.total_steps = train_cfg.epochs * self.steps_per_epoch
         if train_cfg.max_steps > 0:
@@ -260,9 +298,13 @@ class Trainer:
         if checkpoint.get("world_size") == self.world_size and len(rng_states) == self.world_size:
             ckpt_io.restore_rng_state(rng_states[self.rank])
         else:
-            self.logger.info(f"WARNING: {path} was written by {checkpoint.get('world_size')} processes, this run "
-                             f"has {self.world_size}: random streams are re-seeded, so the continuation is not "
-                             "bit-identical to an uninterrupted run")
+            try:
+                saved_steps_per_epoch = int(checkpoint["lr_scheduler"]["lr_lambdas"][0]["steps_per_epoch"])
+            except (KeyError, IndexError, TypeError, ValueError):
+                saved_steps_per_epoch = None
+            self.logger.info(world_size_change_message(
+                path, checkpoint.get("world_size"), self.world_size, self.state, self.cfg.train.batch_size,
+                self.cfg.train.accumulate_steps, saved_steps_per_epoch, self.steps_per_epoch, self.cfg.train.lr_drop))
         self.logger.info(f"resumed {path}: epoch {self.state.epoch}, batch {self.state.batch}, "
                          f"step {self.state.step}, best AP {self.state.best_ap}")
 
@@ -279,6 +321,12 @@ class Trainer:
         for copy_name in extra_copies:
             ckpt_io.save_atomic(checkpoint, os.path.join(self.output_dir, copy_name))
         return path
+
+    def save_step_checkpoint(self):
+        """The mid-epoch checkpoint_last.pth of ``train.checkpoint_every_steps`` (collective)."""
+        path = self.save(ckpt_io.LAST_NAME)
+        self.logger.info(f"checkpoint at iteration {self.state.step} (epoch {self.state.epoch}, batch "
+                         f"{self.state.batch}) written to {path}")
 
     def run_evaluation(self):
         eval_model = self.ema.module if self.ema is not None else self.model
@@ -303,7 +351,7 @@ class Trainer:
                 reason, means = train_one_epoch(
                     self.ddp_model, self.criterion, self.train_loader, self.optimizer, self.lr_scheduler,
                     self.scaler, self.ema, self.state, train_cfg, self.device, self.logger, self.stop,
-                    self.total_steps, self.model)
+                    self.total_steps, self.model, save_checkpoint=self.save_step_checkpoint)
                 if reason == "epoch_done":
                     self.state.epoch += 1
                     self.state.batch = 0
@@ -329,7 +377,9 @@ class Trainer:
                 copies = [ckpt_io.BEST_NAME] if is_best else []
                 if reason == "epoch_done" and train_cfg.keep_epoch_checkpoints:
                     copies.append(f"checkpoint{epoch:04d}.pth")
-                if finished_run or is_best or (reason == "epoch_done" and self.state.epoch % max(1, train_cfg.checkpoint_every) == 0):
+                epoch_due = reason == "epoch_done" and self.state.epoch % max(1, train_cfg.checkpoint_every) == 0
+                steps_due = step_checkpoint_due(self.state.step, train_cfg.checkpoint_every_steps)
+                if finished_run or is_best or epoch_due or steps_due:
                     self.save(ckpt_io.LAST_NAME, copies)
                 if finished_run:
                     break
@@ -349,7 +399,13 @@ class Trainer:
         return 0
 
     def close(self):
-        self.logger.close()
+        """Stops the loaders' workers (they ignore SIGTERM, see signals.py) and closes the logs."""
+        try:
+            for loader in (self.train_loader, self.val_loader):
+                if loader is not None:
+                    shutdown_loader_workers(loader)
+        finally:
+            self.logger.close()
 
 
 def run_training(cfg, resume=None, weights=None, allow_config_change=False):
