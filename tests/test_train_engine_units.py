@@ -204,3 +204,18 @@ def test_world_size_change_warning_says_what_changes():
     boundary = world_size_change_message("ck.pth", 2, 4, TrainState(epoch=3, batch=0, step=8), batch_size=2,
                                          accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=2, lr_drop=7)
     assert "trained on" not in boundary and "steps per epoch" not in boundary
+
+
+@pytest.mark.parametrize("config, overrides, warned", [
+    ("deformable_detr.yaml", [], True),                      # the published recipe without ImageNet weights
+    ("deformable_detr_refine_dn.yaml", [], True),
+    ("deformable_detr.yaml", ["model.backbone_weights=/x/resnet50.pth"], False),
+    ("deformable_detr.yaml", ["model.freeze_stem_and_layer1=false"], False),
+    ("deformable_detr.yaml", ["model.freeze_stem_and_layer1=false", "model.train_backbone=false"], True),
+    ("demo.yaml", [], False),                                 # from scratch, nothing frozen
+    ("tiny_coco128.yaml", [], False),
+])
+def test_training_warns_about_a_random_backbone_kept_partly_frozen(config, overrides, warned):
+    from detr_cuda.engine.trainer import random_backbone_frozen_in_part
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config)
+    assert random_backbone_frozen_in_part(load_config(path, overrides).model) == warned

@@ -113,6 +113,19 @@ def describe_environment(device):
     return info
 
 
+RANDOM_FROZEN_BACKBONE_WARNING = (
+    "WARNING: model.backbone_weights is not set, so the ResNet starts from random weights, and "
+    "model.freeze_stem_and_layer1=true (or train_backbone=false) keeps part of it frozen at them. "
+    "The published recipes start "
+    "from ImageNet weights: pass model.backbone_weights=PATH (torchvision's resnet50-19c8e357.pth for the "
+    "paper's numbers), or --weights PATH, or set model.freeze_stem_and_layer1=false to train from scratch.")
+
+
+def random_backbone_frozen_in_part(model_cfg):
+    """True when training would keep randomly initialised backbone layers frozen (no ImageNet weights given)."""
+    return not model_cfg.backbone_weights and (model_cfg.freeze_stem_and_layer1 or not model_cfg.train_backbone)
+
+
 def build_datasets(cfg, log):
     """(train_dataset, val_dataset or None) through the data package."""
     from ..data import build_dataset
@@ -214,6 +227,8 @@ class Trainer:
         log(f"model: {n_parameters / 1e6:.2f}M trainable parameters, {self.train_dataset.num_classes} classes")
         if weights is not None and checkpoint is None:
             load_weights(self.model, weights, category_ids=self.category_map["label_to_category_id"], log=log)
+        elif checkpoint is None and random_backbone_frozen_in_part(cfg.model):
+            log(RANDOM_FROZEN_BACKBONE_WARNING)
         seed_everything(train_cfg.seed + self.rank)
 
         from ..data import build_dataloader
