@@ -72,3 +72,16 @@ def test_a_bad_choice_in_a_yaml_file_or_a_checkpoint_config_is_named(tmp_path):
     values["model"]["backbone"] = "resnet99"
     with pytest.raises(ConfigError, match="model.backbone: 'resnet99'"):
         config_from_dict(values)
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr_dn", "deformable_detr_refine_dn", "deformable_detr_two_stage_dn"])
+def test_dn_configs_carry_dn_detr_published_recipe(variant):
+    """anchors-code.md §5.6 / §9: DN-Deformable-DETR trains with FFN 2048, dropout 0, class
+    weight 1, AdamW 1e-4 / backbone 1e-5 and no separate rate for offsets, 5 groups, noise 0.2 / 0.4."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", variant + ".yaml")
+    cfg = load_config(path, [])
+    assert (cfg.model.dim_feedforward, cfg.model.dropout, cfg.loss.cls_loss_coef) == (2048, 0.0, 1.0)
+    assert (cfg.train.lr, cfg.train.lr_backbone, cfg.train.lr_linear_proj_mult) == (1e-4, 1e-5, 1.0)
+    assert (cfg.dn.dn_groups, cfg.dn.label_noise_ratio, cfg.dn.box_noise_scale) == (5, 0.2, 0.4)
+    assert cfg.model.query_type == "anchor" and cfg.dn.enabled
