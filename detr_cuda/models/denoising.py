@@ -18,11 +18,13 @@ Query layout per image while training with DN (P = num_groups * group_size):
 single_pad is the largest GT count in the batch. A batch without any object
 has no DN part at all (``prepare_dn_queries`` returns None).
 
-Two deliberate differences from the original code, both asked for by our
-spec: noised boxes are clipped to the image as boxes (xyxy), so a noised box
-never leaves the image (the original clamps cx, cy, w, h separately), and
+Two deliberate differences from the original code (our choices; the spec
+and anchors-code.md do not ask for them): noised boxes are clipped to the
+image as boxes (xyxy), so a noised box never leaves the image (the original
+clamps cx, cy, w, h separately, which can leave a box partly outside), and
 padded slots are masked as attention keys (the original lets DN queries
-attend to the padding of their own group).
+attend to the all-zero padding of their own group, so an image's DN queries
+depend on the largest GT count in its batch).
 """
 import torch
 import torch.distributed as dist
