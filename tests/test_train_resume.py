@@ -120,3 +120,36 @@ def test_step_checkpoints_let_a_killed_run_resume_exactly(tmp_path):
     assert a["step"] == b["step"] == 6
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+# tools/train.py, except that the end-of-epoch evaluation first reports what checkpoint_last.pth
+# holds and then receives a SIGINT, as if Ctrl-C (or Slurm's SIGTERM) came while it ran.
+SIGNAL_DURING_EVALUATION = f"""
+import os, runpy, signal, sys
+import torch
+from detr_cuda.engine import trainer
+evaluate = trainer.Trainer.run_evaluation
+def interrupted_evaluation(self):
+    path = os.path.join(self.output_dir, "checkpoint_last.pth")
+    step = torch.load(path, weights_only=True)["step"] if os.path.exists(path) else None
+    print(f"BEFORE EVALUATION: checkpoint step {{step}}, trainer step {{self.state.step}}", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    return evaluate(self)
+trainer.Trainer.run_evaluation = interrupted_evaluation
+sys.argv[0] = {TRAIN!r}
+runpy.run_path({TRAIN!r}, run_name="__main__")
+"""
+
+
+def test_a_signal_during_evaluation_stops_after_it_with_the_epoch_saved(tmp_path):
+    config = [*STEPS, "train.epochs=3", "train.eval_every=1"]
+    result = run([sys.executable, "-c", SIGNAL_DURING_EVALUATION, *tiny_args(tmp_path, "run", config)], env=env())
+    assert result.returncode == 0, explain(result)
+    # The epoch (4 steps) was on disk before the evaluation began ...
+    assert "BEFORE EVALUATION: checkpoint step 4, trainer step 4" in result.stdout, explain(result)
+    # ... and the run stops right after the evaluation, without a step of the next epoch.
+    assert "stopped by SIGINT at iteration 4" in result.stdout, explain(result)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)
+    assert (checkpoint["step"], checkpoint["next_epoch"], checkpoint["next_batch"]) == (4, 1, 0)
+    assert (tmp_path / "run" / "checkpoint_best.pth").exists()  # the evaluation's result is kept too

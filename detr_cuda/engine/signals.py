@@ -36,7 +36,7 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"{self.signal_name} received: finishing the current step, then writing a checkpoint "
+        print(f"{self.signal_name} received: finishing the current step (or evaluation), then writing a checkpoint "
               "(press Ctrl-C again to abort without one)", flush=True)
 
     def uninstall(self):

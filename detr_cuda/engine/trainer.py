@@ -343,6 +343,15 @@ class Trainer:
         self.logger.info(f"checkpoint at iteration {self.state.step} (epoch {self.state.epoch}, batch "
                          f"{self.state.batch}) written to {path}")
 
+    def stop_requested_on_any_rank(self):
+        """Whether SIGTERM / SIGINT reached any process (every rank must take the same branch)."""
+        requested = self.stop.requested
+        if self.world_size > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
     def run_evaluation(self):
         eval_model = self.ema.module if self.ema is not None else self.model
         metrics = evaluate(eval_model, self.postprocessor, self.val_loader, self.val_dataset, self.device,
@@ -375,18 +384,24 @@ class Trainer:
                 finished_run = reason == "max_steps" or self.state.epoch >= train_cfg.epochs
                 due = train_cfg.eval_every > 0 and reason == "epoch_done" and self.state.epoch % train_cfg.eval_every == 0
                 is_best = False
-                if self.val_loader is not None and reason != "stopped" and (due or finished_run):
+                evaluated = self.val_loader is not None and reason != "stopped" and (due or finished_run)
+                if evaluated:
+                    # The epoch's training is on disk before a (long) evaluation: a stop, a second
+                    # Ctrl-C or a kill during it loses nothing of it.
+                    self.save(ckpt_io.LAST_NAME)
                     metrics = self.run_evaluation()
                     record["test_coco_eval_bbox"] = metrics["coco_stats"]
                     if self.state.best_ap is None or metrics["metrics"]["AP"] > self.state.best_ap:
                         self.state.best_ap, is_best = metrics["metrics"]["AP"], True
+                    if not finished_run and self.stop_requested_on_any_rank():
+                        reason = "stopped"  # a signal during the evaluation: stop now, not after another step
                 if self.is_main:
                     self.logger.record("epoch", record)
                     self.logger.scalars("epoch", {k: v for k, v in record.items() if k.startswith("train_")},
                                         self.state.step)
                 if reason == "stopped":
-                    path = self.save(ckpt_io.LAST_NAME)
-                    log(f"stopped by {self.stop.signal_name} at iteration {self.state.step}; checkpoint written to "
+                    path = self.save(ckpt_io.LAST_NAME, [ckpt_io.BEST_NAME] if is_best else [])
+                    log(f"stopped by {self.stop.signal_name or 'a signal to another process'} at iteration {self.state.step}; checkpoint written to "
                         f"{path}; continue with --resume auto")
                     return 0
                 copies = [ckpt_io.BEST_NAME] if is_best else []
@@ -394,7 +409,9 @@ class Trainer:
                     copies.append(f"checkpoint{epoch:04d}.pth")
                 epoch_due = reason == "epoch_done" and self.state.epoch % max(1, train_cfg.checkpoint_every) == 0
                 steps_due = step_checkpoint_due(self.state.step, train_cfg.checkpoint_every_steps)
-                if finished_run or is_best or epoch_due or steps_due:
+                # Saved just before the evaluation: again only for what the evaluation changed.
+                already_saved = evaluated and not is_best and not copies
+                if (finished_run or is_best or epoch_due or steps_due) and not already_saved:
                     self.save(ckpt_io.LAST_NAME, copies)
                 if finished_run:
                     break
