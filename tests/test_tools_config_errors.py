@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from data_paths import coco128_dir
-from train_helpers import BASE_CONFIG, EVAL, TINY, TRAIN, run
+from train_helpers import BASE_CONFIG, EVAL, TINY, TRAIN, env, run
 
 
 def test_unknown_key_is_named():
@@ -82,3 +82,22 @@ def test_truncated_checkpoint_is_a_clean_error_in_eval_and_resume(tmp_path):
     resumed = run([sys.executable, TRAIN, "--resume", str(truncated)], timeout=120)
     assert resumed.returncode == 2 and f"cannot read checkpoint {truncated}" in resumed.stderr, resumed.stderr
     assert "Traceback" not in resumed.stderr
+
+
+def test_an_output_folder_that_is_a_file_is_a_clean_error(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should go")
+    result = run([sys.executable, TRAIN, "--config", BASE_CONFIG, *TINY, f"data.synthetic_dir={tmp_path / 'data'}",
+                  f"train.output_dir={taken / 'run'}", "train.max_steps=1"], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Not a directory" in result.stderr and str(taken) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_world_size_without_a_rendezvous_address_says_to_use_torchrun(tmp_path):
+    environment = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    environment.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    result = run([sys.executable, TRAIN, "--config", BASE_CONFIG, *TINY, f"data.synthetic_dir={tmp_path / 'data'}",
+                  f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"], timeout=120, env=environment)
+    assert result.returncode == 2, result.stderr
+    assert "MASTER_ADDR and MASTER_PORT are not set" in result.stderr and "torchrun" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -40,13 +40,18 @@ def main(argv=None):
         print(f"config error: {error}", file=sys.stderr)
         return 2
     from detr_cuda.engine.checkpoint import CheckpointError
+    from detr_cuda.engine.distributed import DistributedSetupError
     from detr_cuda.engine.evaluation_run import run_evaluation
     output_dir = args.output_dir or config.train.output_dir
     try:
         run_evaluation(config, args.weights, output_dir, prefer_ema=not args.no_ema)
-    except (FileNotFoundError, ValueError, CheckpointError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError, DistributedSetupError,
+            PermissionError, NotADirectoryError, IsADirectoryError) as error:  # the last three: the output folder
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no evaluation written", file=sys.stderr)
+        return 130
     if not args.no_plots and int(os.environ.get("RANK", "0")) == 0:
         write_plots(config, output_dir)
     return 0

@@ -75,7 +75,7 @@ def main(argv=None):
         return 2
 
     from detr_cuda.data import AnnotationFileError, DatasetValidationError
-    from detr_cuda.engine.distributed import PeerLostError
+    from detr_cuda.engine.distributed import DistributedSetupError, PeerLostError
     from detr_cuda.engine.train_loop import NonFiniteLossError
     from detr_cuda.engine.trainer import ResumeConfigMismatch, run_training
     try:
@@ -88,7 +88,8 @@ def main(argv=None):
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 1
     except (ConfigError, ResumeConfigMismatch, FileExistsError, FileNotFoundError, DatasetValidationError,
-            AnnotationFileError, CheckpointError) as error:
+            AnnotationFileError, CheckpointError, DistributedSetupError,
+            PermissionError, NotADirectoryError, IsADirectoryError) as error:  # the last three: an output folder
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         return 2
 

@@ -47,13 +47,22 @@ def select_device(requested, local_rank):
     return torch.device("cuda", local_rank)
 
 
+class DistributedSetupError(RuntimeError):
+    """The environment asks for a multi-process job that cannot be joined (a launch mistake)."""
+
+
 def init_distributed(device, timeout_s):
     """Joins the torchrun job when WORLD_SIZE > 1. Returns (rank, world_size)."""
     rank, world_size, _ = env_world()
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         return get_rank(), get_world_size()
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        raise DistributedSetupError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise DistributedSetupError(
+            f"WORLD_SIZE={world_size} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+            "launch with torchrun (e.g. torchrun --nproc_per_node=2 tools/train.py ...), which sets them")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         # Lets nccl collectives notice a dead peer and raise instead of spinning.
