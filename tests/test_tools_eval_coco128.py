@@ -42,6 +42,12 @@ def test_short_coco128_training_writes_a_valid_eval_json(tmp_path):
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert again["coco_stats"] == metrics["coco_stats"]  # same weights, same numbers
     assert "Average Precision" in evaluated.stdout and "category" in evaluated.stdout
+    # One image per batch: progress lines with an ETA before the table.
+    stepwise = run([sys.executable, EVAL, "--config", BASE_CONFIG, *TINY, *data, "eval.batch_size=1", "--no-plots",
+                    "--weights", str(tmp_path / "run" / "checkpoint_last.pth"),
+                    "--output-dir", str(tmp_path / "eval1")], timeout=240)
+    assert stepwise.returncode == 0, explain(stepwise)
+    assert "evaluation [1/4]" in stepwise.stdout and "evaluation [3/4]" in stepwise.stdout and "eta" in stepwise.stdout
 
 
 def test_eval_accepts_an_official_style_91_class_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..data.coco_eval import CocoEvaluator, format_metrics
+from .logger import format_seconds
 from .train_loop import autocast_context, move_to_device
 
 
@@ -31,12 +32,18 @@ def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log
     model.eval()
     evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id,
                               score_threshold=cfg.eval.score_threshold)
-    for images, masks, targets in loader:
+    num_batches = len(loader)
+    report_every = max(1, num_batches // 10)  # about ten progress lines per evaluation
+    for index, (images, masks, targets) in enumerate(loader, start=1):
         images, masks, targets = move_to_device(images, masks, targets, device)
         with autocast_context(device, cfg.train.amp):
             outputs = model(images, masks)
         original_sizes = torch.stack([t["orig_size"] for t in targets])
         evaluator.update([t["image_id"] for t in targets], postprocessor(outputs, original_sizes))
+        if index % report_every == 0 and index < num_batches:
+            elapsed = time.time() - started
+            log(f"evaluation [{index}/{num_batches}] {format_seconds(elapsed)} elapsed, "
+                f"eta {format_seconds(elapsed / index * (num_batches - index))}")
     result = evaluator.evaluate(output_dir=output_dir)
     log(format_metrics(result))
     log(f"evaluated {result['num_images']} images in {time.time() - started:.1f}s "
