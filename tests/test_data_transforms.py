@@ -25,6 +25,29 @@ def test_resized_size_follows_the_original_rule():
     assert T.resized_size((300, 300), 300, None) == (300, 300)
 
 
+@pytest.mark.parametrize("size", [(4, 2000), (2000, 4), (1, 100000)])
+def test_very_elongated_image_keeps_every_side_at_least_one_pixel(size):
+    # round(128 * 4 / 2000) = 0 was the short side PIL refused ("height and width must be > 0");
+    # it is now 1 and the long side stays within max_size
+    height, width = T.resized_size(size, 128, 128)
+    assert min(height, width) == 1 and max(height, width) == 128
+    assert (height > width) == (size[1] > size[0])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_pipelines_resize_a_very_elongated_image(train):
+    cfg = DataConfig(train_short_sides=[128], train_max_size=128, val_short_side=128, val_max_size=128,
+                     random_crop=False)
+    image, target = _sample(4, 2000)
+    target["boxes"] = torch.tensor([[0.0, 100.0, 4.0, 900.0]])
+    target["labels"] = torch.tensor([0])
+    torch.manual_seed(0)
+    for _ in range(4):
+        tensor, out = T.build_transforms(cfg, train=train)(image, target)
+        assert tensor.shape[0] == 3 and min(tensor.shape[1:]) >= 1 and max(tensor.shape[1:]) <= 128
+        assert out["size"].tolist() == list(tensor.shape[1:])
+
+
 def test_hflip_mirrors_boxes_and_pixels():
     image, target = _sample()
     flipped, flipped_target = T.hflip(image, target)

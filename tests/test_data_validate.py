@@ -134,3 +134,37 @@ def test_build_dataset_generates_the_synthetic_set(tmp_path):
     image, target = val[0]
     assert image.shape[0] == 3 and max(image.shape[1:]) <= 64 and target["size"].tolist() == list(image.shape[1:])
     assert os.path.isfile(tmp_path / "train" / "annotations.json") and os.path.isdir(tmp_path / "val" / "images")
+
+
+def _coco128_without_annotation_ids(tmp_path, indices):
+    """coco128's annotations.json with the id deleted from the annotations at ``indices``."""
+    with open(os.path.join(coco128_dir(), "annotations.json")) as handle:
+        coco = json.load(handle)
+    for index in indices:
+        del coco["annotations"][index]["id"]
+    path = tmp_path / "annotations.json"
+    with open(path, "w") as handle:
+        json.dump(coco, handle)
+    return str(path), len(coco["annotations"])
+
+
+def test_annotations_without_id_are_their_own_problem(tmp_path):
+    # every id deleted used to read as 938 x duplicate_annotation_id (all of them "None")
+    path, total = _coco128_without_annotation_ids(tmp_path, range(939))
+    with pytest.raises(DatasetValidationError) as error:
+        CocoDetection(os.path.join(coco128_dir(), "images"), path, check_images="none")
+    message = str(error.value)
+    assert f"(missing_annotation_id: {total})" in message and "duplicate_annotation_id" not in message
+    assert "annotations[0]: annotation has no id" in message
+
+
+def test_skip_policy_drops_annotations_without_id(tmp_path, caplog):
+    # with skip, pycocotools used to get the one id-less annotation kept and raise KeyError: 'id'
+    path, total = _coco128_without_annotation_ids(tmp_path, [2, 40, 41])
+    with caplog.at_level(logging.WARNING, logger="detr_cuda.data.validate"):
+        dataset = CocoDetection(os.path.join(coco128_dir(), "images"), path, invalid_annotations="skip",
+                                check_images="none")
+    assert "skipping 0 image(s) and 3 annotation(s)" in caplog.text
+    assert "annotations[40]: annotation has no id" in caplog.text
+    assert len(dataset) == 128 and len(dataset.load_coco_gt().anns) == total - 3
+    dataset[0]

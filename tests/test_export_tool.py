@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 from data_paths import REPO_ROOT
@@ -38,3 +39,23 @@ def test_export_tool_writes_checked_files(tmp_path):
     if have_onnx:
         assert os.path.isfile(out / "model.onnx")
         assert max(summary["onnx"]["max_abs_difference"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("flag, value", [("--height", "0"), ("--width", "-5"), ("--batch-size", "0"),
+                                         ("--height", "tall")])
+def test_export_tool_rejects_non_positive_sizes(flag, value, tmp_path, capsys):
+    # --height 0 used to become the default canvas silently (args.height or ...)
+    with pytest.raises(SystemExit) as exit_info:
+        export_tool.main(["--checkpoint", str(tmp_path / "never_read.pth"), "--output-dir", str(tmp_path / "out"),
+                          flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be a positive integer" in err and value in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_tool_help_says_the_default_canvas_is_landscape(capsys):
+    with pytest.raises(SystemExit):
+        export_tool.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "is landscape" in out and "portrait images need --height/--width" in out

@@ -170,3 +170,69 @@ def test_list_images_inputs(tmp_path):
         list_images(str(tmp_path / "missing.jpg"))
     with pytest.raises(FileNotFoundError, match="no image files"):
         list_images(str(tmp_path / "*.gif"))
+
+
+def _copy_shapes(shapes, folder, count):
+    folder.mkdir(parents=True)
+    names = sorted(os.listdir(shapes["images"]))[:count]
+    for name in names:
+        Image.open(os.path.join(shapes["images"], name)).save(folder / name)
+    return names
+
+
+def test_infer_very_elongated_image_is_resized_not_a_crash(tiny_trained, tmp_path, capsys):
+    # 4 x 2000 at val_max_size 128 used to give a short side of 0 and a raw PIL traceback
+    checkpoint, shapes = tiny_trained
+    inputs = tmp_path / "inputs"
+    names = _copy_shapes(shapes, inputs, 2)
+    Image.new("RGB", (4, 2000), (120, 30, 200)).save(inputs / "tall.png")
+    out = tmp_path / "out"
+    code = infer_tool.main(["--checkpoint", checkpoint, "--input", str(inputs), "--output-dir", str(out),
+                            "--batch-size", "3", "--device", "cpu", "--no-draw"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "results.json") as handle:
+        assert {entry["file_name"] for entry in json.load(handle)} == set(names) | {"tall.png"}
+
+
+def test_infer_skips_an_image_that_fails_after_reading(tiny_trained, tmp_path, capsys, monkeypatch):
+    from detr_cuda.inference import predictor
+    checkpoint, shapes = tiny_trained
+    inputs = tmp_path / "inputs"
+    names = _copy_shapes(shapes, inputs, 3)
+    real_preprocess = predictor.preprocess
+
+    def preprocess_failing_on_the_second(image, data_cfg):
+        if image.tobytes() == Image.open(inputs / names[1]).convert("RGB").tobytes():
+            raise ValueError("height and width must be > 0")
+        return real_preprocess(image, data_cfg)
+
+    monkeypatch.setattr(predictor, "preprocess", preprocess_failing_on_the_second)
+    out = tmp_path / "out"
+    code = infer_tool.main(["--checkpoint", checkpoint, "--input", str(inputs), "--output-dir", str(out),
+                            "--batch-size", "2", "--device", "cpu", "--no-draw"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert f"{inputs / names[1]}: ValueError: height and width must be > 0" in err
+    with open(out / "results.json") as handle:
+        assert {entry["file_name"] for entry in json.load(handle)} == {names[0], names[2]}
+
+
+def test_infer_file_names_tell_apart_same_names_in_two_folders(tiny_trained, tmp_path):
+    checkpoint, shapes = tiny_trained
+    name = _copy_shapes(shapes, tmp_path / "dupA", 1)[0]
+    _copy_shapes(shapes, tmp_path / "dupB", 1)
+    out = tmp_path / "out"
+    code = infer_tool.main(["--checkpoint", checkpoint, "--input", str(tmp_path / "dupA"), str(tmp_path / "dupB"),
+                            "--output-dir", str(out), "--score-threshold", "0.0", "--device", "cpu"])
+    assert code == 0
+    with open(out / "results.json") as handle:
+        results = json.load(handle)
+    assert {entry["file_name"] for entry in results} == {os.path.join("dupA", name), os.path.join("dupB", name)}
+    assert len({entry["image_id"] for entry in results}) == 2
+    assert len(os.listdir(out / "images")) == 2  # picture names stay unique
+
+
+def test_result_file_names_relative_to_the_common_folder():
+    from detr_cuda.inference.predictor import result_file_names
+    assert result_file_names(["photos/a.jpg", "photos/b.jpg"]) == {"photos/a.jpg": "a.jpg", "photos/b.jpg": "b.jpg"}
+    assert result_file_names(["x/1.jpg", "x/y/1.jpg"]) == {"x/1.jpg": "1.jpg", "x/y/1.jpg": os.path.join("y", "1.jpg")}

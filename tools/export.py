@@ -7,6 +7,9 @@
 Both take (images (B, 3, H, W) normalised as in evaluation, padding_mask (B, H, W) bool, True =
 padded) and return (pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh normalised to each unpadded
 image). Resize an image as evaluation does, pad it into the H x W canvas, and mark the padding.
+The default canvas, data.val_short_side high x data.val_max_size wide (800 x 1333), is landscape:
+a portrait image resized as evaluation does is up to val_max_size high and does not fit it, so
+for portrait images give --height/--width (--height 1333 --width 1333 holds both orientations).
 
 - model.onnx: opset >= 16 (GridSample); deformable attention runs through the reference
   operator. Batch size dynamic, H and W fixed. Checked against PyTorch with onnxruntime (CPU);
@@ -26,15 +29,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detr_cuda.config import ConfigError  # noqa: E402
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (0 used to fall back silently to the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (pixels), got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", "--weights", required=True)
     parser.add_argument("--config", help="YAML config (required when the checkpoint holds none)")
     parser.add_argument("--output-dir", "--output_dir", required=True)
     parser.add_argument("--format", choices=("onnx", "torch-export", "all"), default="all")
-    parser.add_argument("--height", type=int, default=None, help="canvas height (default: data.val_short_side)")
-    parser.add_argument("--width", type=int, default=None, help="canvas width (default: data.val_max_size)")
-    parser.add_argument("--batch-size", type=int, default=1, help="example batch (fixed for torch.export)")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="canvas height (default: data.val_short_side; the default canvas is landscape, "
+                             "portrait images need --height/--width)")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="canvas width (default: data.val_max_size)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="example batch (fixed for torch.export)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--device", default="cpu", help="device the export traces on (torch-export keeps it)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime / reload comparison")
@@ -51,8 +68,8 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    height = args.height or detector.config.data.val_short_side
-    width = args.width or detector.config.data.val_max_size
+    height = detector.config.data.val_short_side if args.height is None else args.height
+    width = detector.config.data.val_max_size if args.width is None else args.width
     os.makedirs(args.output_dir, exist_ok=True)
     model = detector.model
     images, padding_mask = exporting.example_inputs(args.batch_size, height, width, detector.device, seed=1)

@@ -10,8 +10,11 @@
 (needs --config; its 91 logits are COCO category ids). Writes OUTPUT_DIR/results.json
 (COCO results: image_id, category_id, category_name, bbox xywh, score, file_name) and
 OUTPUT_DIR/images/ (boxes scoring >= --score-threshold with class names and scores).
+file_name: the path relative to the folder holding all inputs (the bare name for one input
+folder; dupA/x.jpg and dupB/x.jpg for two). Pictures keep bare names, made unique on a clash.
 Image ids: the file name's number when all are numbers (COCO names), else 1..N.
-Unreadable files are reported by path and skipped.
+Files that cannot be read or processed are reported by path with their error and skipped;
+results.json holds the others.
 """
 import argparse
 import os
@@ -73,7 +76,8 @@ def main(argv=None):
           f"{os.path.join(args.output_dir, 'results.json')}"
           + (f", pictures in {os.path.join(args.output_dir, 'images')}" if not args.no_draw else ""), file=sys.stderr)
     if report["skipped"]:
-        print(f"{len(report['skipped'])} unreadable file(s) skipped:", file=sys.stderr)
+        print(f"{len(report['skipped'])} file(s) skipped (unreadable, or failed in resizing or the model):",
+              file=sys.stderr)
         for path, reason in report["skipped"]:
             print(f"  {path}: {reason}", file=sys.stderr)
     return 0 if done else 1

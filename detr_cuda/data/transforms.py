@@ -43,17 +43,28 @@ def resized_size(image_size, short_side, max_size=None):
     The original's rule: when the longer side would exceed ``max_size``, the
     short side becomes round(max_size * short / long); the other side is then
     scaled and truncated with int(). ``image_size`` is (w, h) as PIL gives it.
+
+    Unlike the original, no side goes below 1 pixel: an image whose longer
+    side is more than ``max_size`` times its shorter one (4 x 2000 at
+    max_size 1333) would get a short side of round(< 0.5) = 0, which PIL
+    refuses. The short side is then 1 and the long side is capped at
+    ``max_size`` (the aspect ratio gives way, boxes are scaled per axis).
     """
     width, height = image_size
+    pinned = False  # the short side was raised to 1; the long side is then capped at max_size
     if max_size is not None:
         short, long = float(min(width, height)), float(max(width, height))
         if long / short * short_side > max_size:
             short_side = int(round(max_size * short / long))
+            if short_side < 1:
+                short_side, pinned = 1, True
     if (width <= height and width == short_side) or (height <= width and height == short_side):
-        return height, width
-    if width < height:
-        return int(short_side * height / width), short_side
-    return short_side, int(short_side * width / height)
+        long_side = max(width, height)
+    else:
+        long_side = max(1, int(short_side * max(width, height) / min(width, height)))
+    if pinned:
+        long_side = min(long_side, max_size)
+    return (long_side, short_side) if width < height else (short_side, long_side)
 
 
 def hflip(image, target):

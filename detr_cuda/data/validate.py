@@ -4,7 +4,8 @@ Checks, each reported with the image file name, image id and annotation id:
 - annotations: category id not in ``categories``; bbox that is not 4 finite
   numbers or has non-positive width/height; bbox outside the image (beyond a
   1 px tolerance, measured against the JSON width/height); image id that no
-  image entry has; duplicate annotation ids.
+  image entry has; annotation without an id (named by its index in the
+  list); duplicate annotation ids.
 - images: entry without id/file_name/positive width and height; duplicate
   image ids; missing file; file PIL cannot identify (unreadable); truncated
   file; pixel size different from the JSON width/height.
@@ -24,7 +25,7 @@ Image checks cost, per image (``check_images``):
 
 The policy (``DataConfig.invalid_annotations``): "fail" raises one
 :class:`DatasetValidationError` listing the problems; "skip" drops the bad
-annotations and images and logs how many.
+annotations (those without an id included) and images and logs how many.
 """
 import logging
 import math
@@ -59,6 +60,7 @@ class Problem:
     file_name: Optional[str] = None
     image_id: Optional[int] = None
     annotation_id: Optional[int] = None
+    annotation_index: Optional[int] = None  # position in 'annotations', for one that has no id
 
     def __str__(self):
         where = []
@@ -68,6 +70,8 @@ class Problem:
             where.append(f"image_id {self.image_id}")
         if self.annotation_id is not None:
             where.append(f"annotation_id {self.annotation_id}")
+        if self.annotation_index is not None:
+            where.append(f"annotations[{self.annotation_index}]")
         return f"[{self.kind}] {', '.join(where) or 'dataset'}: {self.message}"
 
 
@@ -211,14 +215,18 @@ def validate_coco_dict(coco_dict, image_dir, check_images="header", source="data
                     problems.append(Problem(result[0], result[1], file_name, image_id))
 
     seen_annotation_ids = set()
-    for annotation in annotations:
+    for index, annotation in enumerate(annotations):
         annotation_id = annotation.get("id")
         image = image_by_id.get(annotation.get("image_id"))
         file_name = image.get("file_name") if image else None
 
-        def report_problem(kind, message):
-            problems.append(Problem(kind, message, file_name, annotation.get("image_id"), annotation_id))
+        def report_problem(kind, message, annotation_index=None):
+            problems.append(Problem(kind, message, file_name, annotation.get("image_id"), annotation_id,
+                                    annotation_index))
 
+        if annotation_id is None:  # pycocotools indexes annotations by id (KeyError: 'id' without one)
+            report_problem("missing_annotation_id", "annotation has no id", annotation_index=index)
+            continue
         if annotation_id in seen_annotation_ids:
             report_problem("duplicate_annotation_id", "annotation id used more than once")
             continue
@@ -263,7 +271,7 @@ def apply_policy(coco_dict, report, policy, log=True):
     kept_annotations = []
     for annotation in coco_dict.get("annotations", []):
         annotation_id = annotation.get("id")
-        if (annotation_id in bad_annotations or annotation_id in seen_annotations
+        if (annotation_id is None or annotation_id in bad_annotations or annotation_id in seen_annotations
                 or annotation.get("image_id") not in seen_images):
             continue
         seen_annotations.add(annotation_id)

@@ -239,10 +239,20 @@ def predict_images(detector, images):
     Returns one dict per image: ``scores`` (k,), ``labels`` (k,) model labels,
     ``boxes`` (k, 4) absolute xyxy in the image's own pixels (CPU tensors).
     """
-    batch = [(preprocess(image, detector.config.data), {}) for image in images]
-    pixels, padding_mask, _ = collate_fn(batch)
+    return predict_prepared(detector, [preprocess(image, detector.config.data) for image in images],
+                            [image.size for image in images])
+
+
+@torch.no_grad()
+def predict_prepared(detector, tensors, image_sizes):
+    """Detections for images already through :func:`preprocess`, one batch.
+
+    ``tensors``: list of (3, H_i, W_i) normalised tensors; ``image_sizes``: list of the original
+    images' (w, h) as PIL gives them. Returns what :func:`predict_images` returns.
+    """
+    pixels, padding_mask, _ = collate_fn([(tensor, {}) for tensor in tensors])
     outputs = detector.model(pixels.to(detector.device), padding_mask.to(detector.device))
-    orig_sizes = torch.tensor([[image.size[1], image.size[0]] for image in images], device=detector.device)
+    orig_sizes = torch.tensor([[height, width] for width, height in image_sizes], device=detector.device)
     return [{k: v.cpu() for k, v in result.items()} for result in detector.postprocessor(outputs, orig_sizes)]
 
 
@@ -276,13 +286,46 @@ def assign_image_ids(paths):
     return {p: i + 1 for i, p in enumerate(paths)}
 
 
+def result_file_names(paths):
+    """{path: name for results.json}: the path relative to the folder that holds all inputs, so a
+    single input folder gives bare file names (as COCO's ``file_name``) and dupA/x.jpg, dupB/x.jpg
+    stay apart; the path as given when the inputs share no folder (other drives)."""
+    if not paths:
+        return {}
+    absolute = [os.path.abspath(p) for p in paths]
+    try:
+        common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    except ValueError:
+        return {p: p for p in paths}
+    return {p: os.path.relpath(a, common) for p, a in zip(paths, absolute)}
+
+
+def _predict_each_on_failure(detector, tensors, image_sizes):
+    """Detections for one batch; when the batch fails, each image on its own so only the failing
+    ones are lost. Returns a list with a detection dict or the exception per image."""
+    try:
+        return predict_prepared(detector, tensors, image_sizes)
+    except Exception as error:  # noqa: BLE001 -- retried image by image below, which reports each error
+        if len(tensors) == 1:
+            return [error]
+    detections = []
+    for tensor, size in zip(tensors, image_sizes):
+        try:
+            detections.append(predict_prepared(detector, [tensor], [size])[0])
+        except Exception as error:  # noqa: BLE001 -- the caller skips this image by path with its error
+            detections.append(error)
+    return detections
+
+
 def run_inference(detector, paths, out_dir, batch_size=2, score_threshold=0.3, json_score_threshold=0.0,
                   draw=True, image_format=None, progress=True, log=None):
     """Detects objects in every image of ``paths``; writes ``out_dir/results.json`` (COCO results,
     dataset category ids, plus ``category_name`` and ``file_name``) and, with ``draw``, one picture
     per image in ``out_dir/images/`` with the boxes scoring >= ``score_threshold``.
 
-    Unreadable files are reported on ``log`` (stderr) by path and skipped.
+    ``file_name`` is the path relative to the inputs' common folder (:func:`result_file_names`).
+    A file that cannot be read, resized or run through the model is reported on ``log`` (stderr)
+    by path with its error and skipped; results.json holds the others.
     Returns {"results": [...], "skipped": [(path, reason)], "images": [written picture paths]}.
     """
     from .drawing import draw_detections
@@ -297,27 +340,44 @@ def run_inference(detector, paths, out_dir, batch_size=2, score_threshold=0.3, j
     if draw:
         os.makedirs(picture_dir, exist_ok=True)
     image_ids = assign_image_ids(paths)
+    file_names = result_file_names(paths)
     meter = Progress(len(paths)) if progress else None
     results, skipped, written = [], [], []
     used_names = set()
+
+    def skip(path, what, error):
+        reason = f"{type(error).__name__}: {error}"
+        skipped.append((path, reason))
+        log.write(f"skipping {what} image {path}: {reason}\n")
+        if meter:
+            meter.update()
+
     for start in range(0, len(paths), batch_size):
-        batch_paths, batch_images = [], []
+        batch_paths, batch_images, batch_tensors = [], [], []
         for path in paths[start:start + batch_size]:
             try:
-                batch_images.append(read_image(path))
-                batch_paths.append(path)
+                image = read_image(path)
             except Exception as error:  # PIL raises many kinds for broken files; report them all
-                reason = f"{type(error).__name__}: {error}"
-                skipped.append((path, reason))
-                log.write(f"skipping unreadable image {path}: {reason}\n")
-                if meter:
-                    meter.update()
+                skip(path, "unreadable", error)
+                continue
+            try:
+                tensor = preprocess(image, detector.config.data)
+            except Exception as error:  # noqa: BLE001 -- one image that cannot be resized loses only itself
+                skip(path, "unprocessable", error)
+                continue
+            batch_paths.append(path)
+            batch_images.append(image)
+            batch_tensors.append(tensor)
         if not batch_images:
             continue
-        for path, image, detection in zip(batch_paths, batch_images, predict_images(detector, batch_images)):
+        detections = _predict_each_on_failure(detector, batch_tensors, [image.size for image in batch_images])
+        for path, image, detection in zip(batch_paths, batch_images, detections):
+            if isinstance(detection, Exception):
+                skip(path, "failed", detection)
+                continue
             name = os.path.basename(path)
             results.extend(to_coco_results(image_ids[path], detection, detector.category_map,
-                                           json_score_threshold, file_name=name))
+                                           json_score_threshold, file_name=file_names[path]))
             if draw:
                 stem, extension = os.path.splitext(name)
                 extension = "." + image_format if image_format else (
