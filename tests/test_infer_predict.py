@@ -236,3 +236,20 @@ def test_result_file_names_relative_to_the_common_folder():
     from detr_cuda.inference.predictor import result_file_names
     assert result_file_names(["photos/a.jpg", "photos/b.jpg"]) == {"photos/a.jpg": "a.jpg", "photos/b.jpg": "b.jpg"}
     assert result_file_names(["x/1.jpg", "x/y/1.jpg"]) == {"x/1.jpg": "1.jpg", "x/y/1.jpg": os.path.join("y", "1.jpg")}
+
+
+def test_read_image_applies_the_exif_orientation(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is
+    read upright, as viewers show it; its top-left stored pixel ends up at the top right."""
+    from PIL import Image
+
+    from detr_cuda.inference.predictor import read_image
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "phone.png"
+    stored.save(path, exif=exif)
+    upright = read_image(path)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((19, 0)) == (255, 0, 0)

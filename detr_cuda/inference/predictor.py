@@ -21,7 +21,7 @@ import sys
 import time
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from detr_cuda.config import ConfigError, apply_override, config_from_dict, load_config, parse_override
 from detr_cuda.data.coco import load_instances_json, to_rgb
@@ -185,10 +185,15 @@ def list_images(inputs):
 
 
 def read_image(path):
-    """RGB PIL image; raises OSError/ValueError naming nothing (the caller reports the path)."""
+    """RGB PIL image, upright as image viewers show it (a camera's EXIF orientation applied);
+    raises OSError/ValueError naming nothing (the caller reports the path).
+
+    Datasets (data/coco.py) keep the stored pixel layout instead: COCO-format
+    annotations refer to it.
+    """
     with Image.open(path) as image:
         image.load()
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 class Progress:
