@@ -345,12 +345,12 @@ class Trainer:
 
     def stop_requested_on_any_rank(self):
         """Whether SIGTERM / SIGINT reached any process (every rank must take the same branch)."""
-        requested = self.stop.requested
-        if self.world_size > 1:
-            flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
+        return distributed.all_reduce_sum(flag).item() > 0
+
+    def log_stopped(self, path):
+        self.logger.info(f"stopped by {self.stop.signal_name or 'a signal to another process'} at iteration "
+                         f"{self.state.step}; checkpoint written to {path}; continue with --resume auto")
 
     def run_evaluation(self):
         eval_model = self.ema.module if self.ema is not None else self.model
@@ -383,7 +383,7 @@ class Trainer:
                           **{f"train_{k}": v for k, v in means.items()}}
                 finished_run = reason == "max_steps" or self.state.epoch >= train_cfg.epochs
                 due = train_cfg.eval_every > 0 and reason == "epoch_done" and self.state.epoch % train_cfg.eval_every == 0
-                is_best = False
+                is_best = stop_after_evaluation = False
                 evaluated = self.val_loader is not None and reason != "stopped" and (due or finished_run)
                 if evaluated:
                     # The epoch's training is on disk before a (long) evaluation: a stop, a second
@@ -393,16 +393,14 @@ class Trainer:
                     record["test_coco_eval_bbox"] = metrics["coco_stats"]
                     if self.state.best_ap is None or metrics["metrics"]["AP"] > self.state.best_ap:
                         self.state.best_ap, is_best = metrics["metrics"]["AP"], True
-                    if not finished_run and self.stop_requested_on_any_rank():
-                        reason = "stopped"  # a signal during the evaluation: stop now, not after another step
+                    # A signal during the evaluation: stop after it, not after another step.
+                    stop_after_evaluation = not finished_run and self.stop_requested_on_any_rank()
                 if self.is_main:
                     self.logger.record("epoch", record)
                     self.logger.scalars("epoch", {k: v for k, v in record.items() if k.startswith("train_")},
                                         self.state.step)
                 if reason == "stopped":
-                    path = self.save(ckpt_io.LAST_NAME, [ckpt_io.BEST_NAME] if is_best else [])
-                    log(f"stopped by {self.stop.signal_name or 'a signal to another process'} at iteration {self.state.step}; checkpoint written to "
-                        f"{path}; continue with --resume auto")
+                    self.log_stopped(self.save(ckpt_io.LAST_NAME))
                     return 0
                 copies = [ckpt_io.BEST_NAME] if is_best else []
                 if reason == "epoch_done" and train_cfg.keep_epoch_checkpoints:
@@ -411,8 +409,11 @@ class Trainer:
                 steps_due = step_checkpoint_due(self.state.step, train_cfg.checkpoint_every_steps)
                 # Saved just before the evaluation: again only for what the evaluation changed.
                 already_saved = evaluated and not is_best and not copies
-                if (finished_run or is_best or epoch_due or steps_due) and not already_saved:
+                if (finished_run or is_best or epoch_due or steps_due or stop_after_evaluation) and not already_saved:
                     self.save(ckpt_io.LAST_NAME, copies)
+                if stop_after_evaluation:
+                    self.log_stopped(os.path.join(self.output_dir, ckpt_io.LAST_NAME))
+                    return 0
                 if finished_run:
                     break
         except NonFiniteLossError as error:
