@@ -36,13 +36,15 @@ from typing import List, Optional
 
 from PIL import Image
 
+from ..config import CHOICES
+
 logger = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0
 IMAGE_LEVEL_KINDS = ("bad_image_entry", "duplicate_image_id", "missing_image_file", "unreadable_image",
                      "truncated_image", "image_size_mismatch")
-CHECK_IMAGE_MODES = ("none", "header", "full")
-POLICIES = ("fail", "skip")
+CHECK_IMAGE_MODES = CHOICES["data.check_images"]
+POLICIES = CHOICES["data.invalid_annotations"]
 
 
 class AnnotationFileError(ValueError):

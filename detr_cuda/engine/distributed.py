@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..config import CHOICES
+
 
 class PeerLostError(RuntimeError):
     """Another process of the job died or stopped answering."""
@@ -33,8 +35,8 @@ def env_world():
 
 def select_device(requested, local_rank):
     """torch.device for this process: "auto" picks cuda:LOCAL_RANK when a GPU is visible, else cpu."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {requested!r}")
+    if requested not in CHOICES["train.device"]:
+        raise ValueError(f"train.device must be one of {', '.join(CHOICES['train.device'])}, got {requested!r}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -1,4 +1,5 @@
 """build_model: config -> (model, criterion, postprocessor)."""
+from ..config import CHOICES
 from .anchor_decoder import build_anchor_transformer
 from .anchor_detr import build_anchor_detr
 from .backbone import build_backbone
@@ -33,8 +34,9 @@ def build_model(cfg, num_classes=None):
     num_classes = resolve_num_classes(cfg, num_classes)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if model_cfg.query_type not in ("deformable", "anchor"):
-        raise ValueError(f"model.query_type must be 'deformable' or 'anchor', got '{model_cfg.query_type}'")
+    if model_cfg.query_type not in CHOICES["model.query_type"]:
+        raise ValueError(f"model.query_type must be one of {', '.join(CHOICES['model.query_type'])}, "
+                         f"got '{model_cfg.query_type}'")
     if cfg.dn.enabled and model_cfg.query_type != "anchor":
         raise ValueError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are "
                          "anchor boxes)")
