@@ -122,9 +122,9 @@ class TrainConfig:
     checkpoint_every: int = 1             # epochs between checkpoint_last.pth writes
     # Optimizer steps between mid-epoch checkpoint_last.pth writes (0 = off), so a killed run
     # (SIGKILL, OOM, node loss) loses at most this many steps. A COCO epoch is ~7300 steps at 16
-    # images per step (~3700 at 32): 1000 steps lose minutes of GPU time, not up to an epoch, while one
-    # ~0.5 GB write (weights + AdamW state) per 1000 steps costs well under 1% of the run; short
-    # runs (the demo: 512 steps) keep checkpointing once per epoch only.
+    # images per step (~3700 at 32): 1000 steps lose minutes of GPU time, not up to an epoch. The cost is
+    # one ~0.5 GB write per 1000 steps (R50 weights + AdamW's two moments: 40M params x 12 B; its time
+    # not measured here). Short runs (the demo: 512 steps) checkpoint once per epoch only.
     checkpoint_every_steps: int = 1000
     keep_epoch_checkpoints: bool = False
     eval_every: int = 1                   # epochs between evaluations, 0 = only at the end, -1 = never
@@ -153,7 +153,8 @@ class Config:
 
 # String fields with a fixed set of values, checked whenever a value is set (file, override or checkpoint), so
 # a typo fails at config load instead of at first use (e.g. train.amp only at the first training step). The
-# modules using them keep their own checks; tests/test_config.py keeps these lists equal to theirs.
+# modules check them too, for callers that bypass the config (data/validate.py, engine/distributed.py and
+# models/build.py read these lists; tests/test_config.py keeps backbone and msda_backend equal to their modules').
 CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "model.query_type": ("deformable", "anchor"),

@@ -241,8 +241,6 @@ def test_result_file_names_relative_to_the_common_folder():
 def test_read_image_applies_the_exif_orientation(tmp_path):
     """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is
     read upright, as viewers show it; its top-left stored pixel ends up at the top right."""
-    from PIL import Image
-
     from detr_cuda.inference.predictor import read_image
     stored = Image.new("RGB", (40, 20), (0, 0, 255))
     stored.putpixel((0, 0), (255, 0, 0))
