@@ -26,7 +26,8 @@ from detr_cuda.config import apply_override, load_config, parse_override  # noqa
 from detr_cuda.data import build_dataloader, build_dataset  # noqa: E402
 from detr_cuda.engine.evaluate import evaluate  # noqa: E402
 from detr_cuda.engine.optim import build_optimizer  # noqa: E402
-from detr_cuda.engine.train_loop import move_to_device, weighted_total  # noqa: E402
+from detr_cuda.engine.trainer import weighted_total  # noqa: E402
+from detr_cuda.util.device import move_to_device  # noqa: E402
 from detr_cuda.models import build_model  # noqa: E402
 
 VARIANTS = {

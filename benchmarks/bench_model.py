@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from detr_cuda.config import load_config  # noqa: E402
-from detr_cuda.engine.train_loop import autocast_context, weighted_total  # noqa: E402
-from detr_cuda.models import build_model, set_msda_backend  # noqa: E402
+from detr_cuda.engine.trainer import weighted_total  # noqa: E402
+from detr_cuda.models import build_model  # noqa: E402
+from detr_cuda.util.device import autocast_context  # noqa: E402
 from detr_cuda.ops.functional import available_backends  # noqa: E402
 
 VARIANTS = {
@@ -88,9 +89,9 @@ def measure(backend, device, variant, iterations, warmup, threads, amp="none"):
     preset = PRESETS[device]
     cfg = load_config(None, preset["overrides"] + VARIANTS[variant])
     torch.manual_seed(0)
+    cfg.model.msda_backend = backend
     model, criterion, _ = build_model(cfg, num_classes=91)
     model.to(device).train()
-    set_msda_backend(model, backend)
     images, mask, targets = make_batch(preset["sizes"], 91, device)
 
     def step():

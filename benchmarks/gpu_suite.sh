@@ -87,8 +87,8 @@ elif "$python" -c "import pycocotools, scipy, yaml, tensorboard" 2>/dev/null; th
   step tests "$out/tests.log" "$python" -m pytest -q -rs tests
 else
   echo "pycocotools/scipy/yaml/tensorboard missing: only the operator and model tests run" | tee -a "$summary"
-  step tests "$out/tests.log" "$python" -m pytest -q -rs tests/test_ms_deform_attn_cuda.py \
-    tests/test_ms_deform_attn_cpu.py tests/test_ms_deform_attn_api.py tests/test_model_backends.py
+  step tests "$out/tests.log" "$python" -m pytest -q -rs tests/ops/test_ms_deform_attn_cuda.py \
+    tests/ops/test_ms_deform_attn_cpu.py tests/ops/test_ms_deform_attn_api.py tests/models/test_backends.py
 fi
 
 if wanted bench_msda; then

@@ -3,11 +3,14 @@
 A config file is YAML with the sections below (``model``, ``dn``, ``loss``,
 ``data``, ``train``, ``eval``); ``_base_: other.yaml`` inherits another file
 (path relative to this one). ``key.sub=value`` overrides are parsed as YAML
-scalars. An unknown field, a value of the wrong type or a string outside a
-field's fixed choices (``CHOICES``) raises ``ConfigError`` naming the field, so
-a typo never becomes a silent no-op or a late failure.
+scalars. An unknown field, a value of the wrong type, a string outside a
+field's fixed choices (``CHOICES``), a number outside its valid range
+(``RANGES``; numbers must also be finite) or fields that contradict each other
+(:func:`check_config`) raise ``ConfigError`` naming the field, the value and
+what is allowed, so a typo never becomes a silent no-op or a late failure.
 """
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class DNConfig:
-    """Denoising training (DN-DETR; detr_cuda/models/denoising.py). Needs model.query_type "anchor"."""
+    """Denoising training (DN-DETR; detr_cuda/models/dn_queries.py; losses in criterion.py). Needs model.query_type "anchor"."""
     enabled: bool = False
     dn_groups: int = 5                    # noised copies of the batch's GT (used when max_dn_queries is 0)
     label_noise_ratio: float = 0.2        # probability of replacing a DN label by a uniform random class
@@ -152,9 +155,7 @@ class Config:
 
 
 # String fields with a fixed set of values, checked whenever a value is set (file, override or checkpoint), so
-# a typo fails at config load instead of at first use (e.g. train.amp only at the first training step). The
-# modules check them too, for callers that bypass the config (data/validate.py, engine/distributed.py and
-# models/build.py read these lists; tests/test_config.py keeps backbone and msda_backend equal to their modules').
+# a typo fails at config load instead of at first use (e.g. train.amp only at the first training step).
 CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "model.query_type": ("deformable", "anchor"),
@@ -166,6 +167,79 @@ CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
 }
 _CASE_INSENSITIVE = ("model.msda_backend",)
+
+# Valid ranges of the numeric fields (a list field: of each item), checked whenever a value is set:
+# (low, high, low_inclusive, high_inclusive); None = unbounded on that side.
+AT_LEAST_0, AT_LEAST_1 = (0, None, True, False), (1, None, True, False)
+UNIT, POSITIVE = (0, 1, True, True), (0, None, False, False)
+RANGES = {
+    "model.backbone_width": AT_LEAST_1, "model.hidden_dim": (32, None, True, False), "model.nheads": AT_LEAST_1,
+    "model.enc_layers": AT_LEAST_1, "model.dec_layers": AT_LEAST_1, "model.dim_feedforward": AT_LEAST_1,
+    "model.dropout": (0, 1, True, False), "model.num_queries": AT_LEAST_1, "model.num_feature_levels": AT_LEAST_1,
+    "model.enc_n_points": AT_LEAST_1, "model.dec_n_points": AT_LEAST_1, "model.num_classes": AT_LEAST_1,
+    "dn.dn_groups": AT_LEAST_1, "dn.label_noise_ratio": UNIT, "dn.box_noise_scale": AT_LEAST_0,
+    "dn.max_dn_queries": AT_LEAST_0,
+    "loss.set_cost_class": AT_LEAST_0, "loss.set_cost_bbox": AT_LEAST_0, "loss.set_cost_giou": AT_LEAST_0,
+    "loss.cls_loss_coef": AT_LEAST_0, "loss.bbox_loss_coef": AT_LEAST_0, "loss.giou_loss_coef": AT_LEAST_0,
+    "loss.focal_alpha": UNIT, "loss.focal_gamma": AT_LEAST_0,
+    "data.synthetic_train_images": AT_LEAST_1, "data.synthetic_val_images": AT_LEAST_1,
+    "data.synthetic_image_size": (32, None, True, False), "data.synthetic_seed": AT_LEAST_0,
+    "data.train_short_sides": AT_LEAST_1, "data.train_max_size": AT_LEAST_1, "data.crop_resize_sides": AT_LEAST_1,
+    "data.crop_min_size": AT_LEAST_1, "data.crop_max_size": AT_LEAST_1, "data.val_short_side": AT_LEAST_1,
+    "data.val_max_size": AT_LEAST_1, "data.num_workers": AT_LEAST_0,
+    "train.seed": AT_LEAST_0, "train.epochs": AT_LEAST_1, "train.max_steps": AT_LEAST_0,
+    "train.batch_size": AT_LEAST_1, "train.accumulate_steps": AT_LEAST_1, "train.lr": (0, 1, False, True),
+    "train.lr_backbone": UNIT, "train.lr_linear_proj_mult": AT_LEAST_0, "train.weight_decay": AT_LEAST_0,
+    "train.clip_max_norm": AT_LEAST_0, "train.lr_drop": AT_LEAST_0, "train.lr_drop_gamma": (0, 1, False, True),
+    "train.warmup_steps": AT_LEAST_0, "train.ema_decay": (0, 1, True, False), "train.checkpoint_every": AT_LEAST_1,
+    "train.checkpoint_every_steps": AT_LEAST_0, "train.eval_every": (-1, None, True, False),
+    "train.log_interval": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_0, "train.dist_timeout_s": AT_LEAST_1,
+    "eval.num_select": AT_LEAST_1, "eval.batch_size": AT_LEAST_1, "eval.score_threshold": UNIT,
+}
+
+
+def range_text(bounds):
+    """'>= 1', 'in [0, 1)', 'in (0, 1]' ..."""
+    low, high, low_inclusive, high_inclusive = bounds
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def _check_range(value, name):
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value and name in RANGES:
+        raise ConfigError(f"{name} must be a non-empty list")
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{name} must be a finite number, got {item!r}")
+        bounds = RANGES.get(name)
+        if bounds is None or item is None or not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        low, high, low_inclusive, high_inclusive = bounds
+        below = low is not None and (item < low or (item == low and not low_inclusive))
+        above = high is not None and (item > high or (item == high and not high_inclusive))
+        if below or above:
+            raise ConfigError(f"{name} must be {range_text(bounds)}, got {item!r}")
+
+
+def check_config(config):
+    """Raises ConfigError when fields contradict each other (each field alone was checked when set)."""
+    model, data = config.model, config.data
+    if model.hidden_dim % 32 != 0:
+        raise ConfigError(f"model.hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), "
+                          f"got {model.hidden_dim}")
+    if model.hidden_dim % model.nheads != 0:
+        raise ConfigError(f"model.hidden_dim ({model.hidden_dim}) must be divisible by model.nheads ({model.nheads})")
+    if model.num_feature_levels == 2:
+        raise ConfigError("model.num_feature_levels must be 1 (single-scale) or >= 3 (the ResNet's three levels "
+                          "plus extra ones), got 2")
+    if config.dn.enabled and model.query_type != "anchor":
+        raise ConfigError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are anchor boxes)")
+    if data.crop_min_size > data.crop_max_size:
+        raise ConfigError(f"data.crop_min_size ({data.crop_min_size}) must not exceed data.crop_max_size "
+                          f"({data.crop_max_size})")
+    return config
 
 
 def _check_choice(value, name):
@@ -233,6 +307,7 @@ def _merge_dict(config, values, prefix=""):
         else:
             checked = _check_value(value, hints[key], name)
             _check_choice(checked, name)
+            _check_range(checked, name)
             setattr(config, key, checked)
 
 
@@ -265,7 +340,8 @@ def parse_override(text):
     # YAML reads 1e-4 as a string (no dot); accept it as the number it means.
     if isinstance(value, str):
         try:
-            value = float(value) if any(c in value for c in "eE.") else value
+            value = float(value) if any(c in value for c in "eE.") or value.lower().lstrip("+-") in ("nan", "inf") \
+                else value
         except ValueError:
             pass
     return key.strip(), value
@@ -291,7 +367,7 @@ def load_config(path=None, overrides=()):
     for text in overrides:
         key, value = parse_override(text)
         apply_override(config, key, value)
-    return config
+    return check_config(config)
 
 
 def config_to_dict(config):
@@ -302,7 +378,7 @@ def config_from_dict(values):
     """Inverse of config_to_dict (checkpoints store the resolved config as a dict)."""
     config = Config()
     _merge_dict(config, values)
-    return config
+    return check_config(config)
 
 
 def dump_config(config):

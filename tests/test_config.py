@@ -49,7 +49,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_dict_round_trip():
-    config = load_config(None, ["dn.enabled=true", "model.num_classes=7"])
+    config = load_config(None, ["model.query_type=anchor", "dn.enabled=true", "model.num_classes=7"])
     assert config_from_dict(config_to_dict(config)) == config
 
 

@@ -39,9 +39,9 @@ def main(argv=None):
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    from detr_cuda.engine.checkpoint import CheckpointError
-    from detr_cuda.engine.distributed import DistributedSetupError
+    from detr_cuda.checkpoint import CheckpointError
     from detr_cuda.engine.evaluation_run import run_evaluation
+    from detr_cuda.util.dist import DistributedSetupError
     output_dir = args.output_dir or config.train.output_dir
     try:
         run_evaluation(config, args.weights, output_dir, prefer_ema=not args.no_ema)

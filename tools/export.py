@@ -61,11 +61,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from detr_cuda.inference import load_detector
+    from detr_cuda.inference import Detector
     from detr_cuda.inference import export as exporting
     try:
-        detector = load_detector(args.checkpoint, args.config, args.overrides, args.device)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+        detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     height = detector.config.data.val_short_side if args.height is None else args.height
@@ -73,9 +73,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     model = detector.model
     images, padding_mask = exporting.example_inputs(args.batch_size, height, width, detector.device, seed=1)
-    summary = {"height": height, "width": width, "category_map": {
-        "label_to_category_id": detector.category_map.label_to_category_id,
-        "class_names": detector.category_map.class_names}}
+    summary = {"height": height, "width": width, "category_map": detector.category_map.to_dict()}
     if args.format in ("onnx", "all"):
         path = os.path.join(args.output_dir, "model.onnx")
         try:

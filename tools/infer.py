@@ -58,12 +58,12 @@ def split_overrides(inputs, overrides):
 def main(argv=None):
     args = parse_args(argv)
     args.input, args.overrides = split_overrides(args.input, args.overrides)
-    from detr_cuda.inference import list_images, load_detector, run_inference
+    from detr_cuda.inference import Detector, list_images, run_inference
     try:
         paths = list_images(args.input)
-        detector = load_detector(args.checkpoint, args.config, args.overrides, args.device, args.annotations,
-                                 prefer_ema=not args.no_ema)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+        detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides,
+                                            args.annotations, prefer_ema=not args.no_ema)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{len(paths)} input file(s); model on {detector.device}, {detector.category_map.num_labels} classes",

@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detr_cuda.config import ConfigError, config_from_dict, load_config, parse_override, apply_override  # noqa: E402
+from detr_cuda.config import (ConfigError, apply_override, check_config, config_from_dict, load_config,  # noqa: E402
+                              parse_override)
 
 
 def parse_args(argv=None):
@@ -44,14 +45,13 @@ def resolve_config(args):
     a copy) unless train.output_dir is given as an override.
     """
     if args.config is None and args.resume not in (None, "auto"):
-        from detr_cuda.engine.checkpoint import check_training_checkpoint, load_file
-        checkpoint = load_file(args.resume)
-        check_training_checkpoint(checkpoint, args.resume)
+        from detr_cuda.engine.resume import load_training_checkpoint
+        checkpoint = load_training_checkpoint(args.resume)
         config = config_from_dict(checkpoint["config"])
         config.train.output_dir = os.path.dirname(os.path.abspath(args.resume))
         for text in args.overrides:
             apply_override(config, *parse_override(text))
-        return config
+        return check_config(config)
     if args.config is None:
         raise ConfigError("--config is required (or --resume PATH, which reuses the checkpoint's config)")
     return load_config(args.config, args.overrides)
@@ -64,7 +64,7 @@ def main(argv=None):
         print("error: --resume continues a run (and restores its weights); --weights starts a new run from "
               "weights. Use one of them.", file=sys.stderr)
         return 2
-    from detr_cuda.engine.checkpoint import CheckpointError
+    from detr_cuda.checkpoint import CheckpointError
     try:
         config = resolve_config(args)
     except ConfigError as error:
@@ -75,9 +75,9 @@ def main(argv=None):
         return 2
 
     from detr_cuda.data import AnnotationFileError, DatasetValidationError
-    from detr_cuda.engine.distributed import DistributedSetupError, PeerLostError
-    from detr_cuda.engine.train_loop import NonFiniteLossError
-    from detr_cuda.engine.trainer import ResumeConfigMismatch, run_training
+    from detr_cuda.engine.resume import ResumeConfigMismatch
+    from detr_cuda.engine.trainer import NonFiniteLossError, run_training
+    from detr_cuda.util.dist import DistributedSetupError, PeerLostError
     try:
         return run_training(config, resume=args.resume, weights=args.weights,
                             allow_config_change=args.allow_config_change)

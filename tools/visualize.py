@@ -47,12 +47,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from detr_cuda.inference import load_detector
-    from detr_cuda.inference.predictor import read_image
+    from detr_cuda.inference import Detector
+    from detr_cuda.inference import read_image
     from detr_cuda.inference.visualize import render_attention, write_ground_truth_vs_predictions
     try:
         # Predictions are named by the checkpoint's own category map, ground truth by the dataset's.
-        detector = load_detector(args.checkpoint, args.config, args.overrides, args.device)
+        detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides)
         if args.mode == "compare":
             written = write_ground_truth_vs_predictions(detector, args.images, args.annotations, args.output_dir,
                                                         args.num_images, args.image_ids, args.score_threshold)
@@ -74,7 +74,7 @@ def main(argv=None):
               f"{total} sampling points over {len(info['points'])} levels, {inside} inside the image -> {path}",
               file=sys.stderr)
         return 0
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:  # CheckpointError included
         print(f"error: {error}", file=sys.stderr)
         return 2
 

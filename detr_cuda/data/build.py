@@ -1,19 +1,11 @@
 """``build_dataset(cfg, split)``: the dataset a config names, with its transforms."""
 import os
 
-import torch
-
+from ..util import dist
 from .coco import CocoDetection
 from .transforms import build_transforms
-from .validate import CHECK_IMAGE_MODES, POLICIES
 
 SPLITS = ("train", "val")
-
-
-def _dist_rank():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return None
 
 
 def synthetic_paths(data_cfg, split):
@@ -26,13 +18,11 @@ def synthetic_paths(data_cfg, split):
     num_images = data_cfg.synthetic_train_images if split == "train" else data_cfg.synthetic_val_images
     seed = data_cfg.synthetic_seed + (0 if split == "train" else 1)
     args = (os.path.join(data_cfg.synthetic_dir, split), num_images, data_cfg.synthetic_image_size, seed)
-    rank = _dist_rank()
-    if rank is None or rank == 0:
+    if dist.is_main_process():
         paths = generate_synthetic_coco(*args)
-    if rank is not None:
-        torch.distributed.barrier()
-        if rank != 0:
-            paths = generate_synthetic_coco(*args)  # finds the set rank 0 wrote; writes nothing
+    dist.barrier()
+    if not dist.is_main_process():
+        paths = generate_synthetic_coco(*args)  # finds the set rank 0 wrote; writes nothing
     return paths["images"], paths["annotations"]
 
 
@@ -58,15 +48,11 @@ def build_dataset(cfg, split):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data_cfg = cfg.data
-    for name, allowed in (("invalid_annotations", POLICIES), ("check_images", CHECK_IMAGE_MODES)):
-        if getattr(data_cfg, name) not in allowed:
-            raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(data_cfg, name)!r}")
     if data_cfg.dataset == "coco":
         image_dir, annotation_file = coco_paths(data_cfg, split)
-    elif data_cfg.dataset == "synthetic":
-        image_dir, annotation_file = synthetic_paths(data_cfg, split)
     else:
-        raise ValueError(f"data.dataset must be 'coco' or 'synthetic', got {data_cfg.dataset!r}")
+        image_dir, annotation_file = synthetic_paths(data_cfg, split)
     return CocoDetection(image_dir, annotation_file, build_transforms(data_cfg, train=split == "train"),
                          invalid_annotations=data_cfg.invalid_annotations, check_images=data_cfg.check_images,
-                         cache_images=data_cfg.cache_images, share_validation=_dist_rank() is not None)
+                         cache_images=data_cfg.cache_images, share_validation=dist.is_dist(),
+                         substitute_unreadable=split == "train")

@@ -25,12 +25,18 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from .validate import AnnotationFileError, apply_policy, validate_coco_dict
+from ..categories import CategoryMap
+from ..util import dist
+from .validate import AnnotationFileError, DatasetValidationError, apply_policy, validate_coco_dict
 
 logger = logging.getLogger(__name__)
+
+
+class UndecodableImageError(RuntimeError):
+    """An image file that is there but whose data cannot be decoded (corrupt, truncated, not an image)."""
 
 
 def load_instances_json(annotation_file):
@@ -57,10 +63,13 @@ def coco_from_dict(coco_dict):
     return coco
 
 
-def _dist_rank():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return None
+def check_categories(coco_dict, annotation_file):
+    """Raises AnnotationFileError unless 'categories' is a non-empty list of dicts with distinct integer ids."""
+    categories = coco_dict["categories"]
+    ids = [c.get("id") if isinstance(c, dict) else None for c in categories] if isinstance(categories, list) else None
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or len(set(ids)) != len(ids):
+        raise AnnotationFileError(f"{annotation_file}: 'categories' must be a non-empty list of entries with "
+                                  f"distinct integer ids, got ids {ids[:20] if ids else categories!r}")
 
 
 def to_rgb(image):
@@ -84,6 +93,9 @@ class CocoDetection(torch.utils.data.Dataset):
     ``transforms`` is None); ``image_id`` int64 scalar; ``orig_size`` int64 (2,)
     (h, w) of the file; ``size`` int64 (2,) (h, w) after the transforms.
 
+    With ``substitute_unreadable`` a target may also hold ``substitute_for``: the path of the
+    broken image this sample stands in for.
+
     The index may also be a pair (index, seed): the transforms then run under
     torch's generator seeded with ``seed`` (the sampler of
     :func:`detr_cuda.data.loader.build_dataloader` does this), so augmentation
@@ -91,37 +103,41 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir, annotation_file, transforms=None, invalid_annotations="fail",
-                 check_images="header", cache_images=False, share_validation=False):
+                 check_images="header", cache_images=False, share_validation=False, substitute_unreadable=False):
         """``share_validation``: under torch.distributed, rank 0 alone runs the validation (the file
-        checks cost I/O) and broadcasts its report; every rank must then build the dataset."""
+        checks cost I/O) and broadcasts its report; every rank must then build the dataset.
+        ``substitute_unreadable``: an image that fails to decode is replaced by the next readable
+        entry (with a warning naming it, once per process, and ``target["substitute_for"]`` set),
+        so a file corrupt in its middle does not stop a training run; otherwise it raises."""
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"image folder not found: {image_dir}")
         self.image_dir = image_dir
         self.annotation_file = annotation_file
         self.transforms = transforms
+        self.substitute_unreadable = substitute_unreadable
+        self._warned_unreadable = set()
         raw = load_instances_json(annotation_file)
-        rank = _dist_rank() if share_validation else None
-        if rank is None:
-            self.report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file)
+        check_categories(raw, annotation_file)
+        if share_validation and dist.is_dist():
+            report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file) \
+                if dist.is_main_process() else None
+            self.report = dist.broadcast_object(report)
         else:
-            box = [validate_coco_dict(raw, image_dir, check_images, source=annotation_file) if rank == 0 else None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            self.report = box[0]
-        coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations, log=rank in (None, 0)))
+            self.report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file)
+        missing = self.report.counts().get("missing_image_file", 0)
+        if raw["images"] and missing == len(raw["images"]):
+            raise DatasetValidationError(
+                f"none of the {missing} images that {annotation_file} lists is in {image_dir} (e.g. "
+                f"{raw['images'][0].get('file_name')}): the image folder is probably the wrong one "
+                "(data.train_images / data.val_images)")
+        coco = coco_from_dict(apply_policy(raw, self.report, invalid_annotations,
+                                           log=not share_validation or dist.is_main_process()))
         raw_count = len(raw["images"])
         del raw
-
-        categories = coco.dataset["categories"]
-        ids = [c.get("id") if isinstance(c, dict) else None for c in categories]
-        if not categories or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
-                or len(set(ids)) != len(ids):
-            raise ValueError(f"{annotation_file}: 'categories' must be a non-empty list of entries with "
-                             f"distinct integer ids, got ids {ids[:20]}")
         if not coco.imgs:
-            raise ValueError(f"{annotation_file}: no images" + (" left after validation" if raw_count else ""))
-        categories = sorted(categories, key=lambda c: c["id"])
-        self.label_to_category_id = [int(c["id"]) for c in categories]
-        self.class_names = [str(c.get("name", c["id"])) for c in categories]
+            raise DatasetValidationError(f"{annotation_file}: no images" + (
+                " left after validation (every image entry had a problem; see the report above)" if raw_count else ""))
+        self.categories = CategoryMap.from_categories(coco.dataset["categories"])
         self.category_id_to_label = {cat_id: label for label, cat_id in enumerate(self.label_to_category_id)}
 
         image_ids = sorted(coco.imgs)
@@ -147,11 +163,15 @@ class CocoDetection(torch.utils.data.Dataset):
     # ----------------------------------------------------------------------------------------------
     @property
     def num_classes(self):
-        return len(self.label_to_category_id)
+        return self.categories.num_labels
 
-    def category_map(self):
-        """The label <-> category map to store in checkpoints."""
-        return {"label_to_category_id": list(self.label_to_category_id), "class_names": list(self.class_names)}
+    @property
+    def label_to_category_id(self):
+        return self.categories.label_to_category_id
+
+    @property
+    def class_names(self):
+        return self.categories.class_names
 
     def load_coco_gt(self):
         """pycocotools ground truth (crowd regions included) with the same entries dropped as for training."""
@@ -213,19 +233,40 @@ class CocoDetection(torch.utils.data.Dataset):
         return np.concatenate(chunks) if chunks else np.zeros(0, np.uint8), offsets
 
     def load_image(self, index):
-        """The RGB PIL image of entry ``index``; an error naming the file when it cannot be decoded."""
+        """The RGB PIL image of entry ``index``. Raises UndecodableImageError (naming the file) when the
+        file is there but its data is broken, RuntimeError when it cannot be opened at all."""
         path = self._path(index)
+        where = f"{path} (image_id {int(self.image_ids[index])})"
         try:
             if self._cache is not None:
                 data, offsets = self._cache
                 image = Image.open(io.BytesIO(data[offsets[index]:offsets[index + 1]].tobytes()))
             else:
                 image = Image.open(path)
+        except OSError as error:
+            if isinstance(error, UnidentifiedImageError):
+                raise UndecodableImageError(f"cannot read image {where}: not an image file ({error})") from error
+            raise RuntimeError(f"cannot read image {where}: {type(error).__name__}: {error}") from error
+        try:
             image.load()
-        except Exception as error:
-            raise RuntimeError(f"cannot read image {path} (image_id {int(self.image_ids[index])}): "
-                               f"{type(error).__name__}: {error}") from error
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken data
+            raise UndecodableImageError(f"cannot read image {where}: {type(error).__name__}: {error}") from error
         return to_rgb(image)
+
+    def _readable_image(self, index):
+        """(index, image) of entry ``index``, or, with ``substitute_unreadable``, of the next entry
+        whose image decodes (a warning names each broken file once per process)."""
+        for attempt in range(len(self)):
+            candidate = (index + attempt) % len(self)
+            try:
+                return candidate, self.load_image(candidate)
+            except UndecodableImageError as error:
+                if not self.substitute_unreadable:
+                    raise
+                if candidate not in self._warned_unreadable:
+                    self._warned_unreadable.add(candidate)
+                    logger.warning("%s; training uses the next readable image in its place", error)
+        raise RuntimeError(f"no image of {self.annotation_file} in {self.image_dir} can be decoded")
 
     def load_target(self, index, width, height):
         """Target with absolute xyxy boxes clamped to the (width, height) image; degenerate boxes dropped."""
@@ -243,8 +284,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.load_image(index)
-        target = self.load_target(index, *image.size)
+        read_index, image = self._readable_image(index)
+        target = self.load_target(read_index, *image.size)
+        if read_index != index:
+            target["substitute_for"] = self._path(index)
         if self.transforms is None:
             return image, target
         if seed is None:

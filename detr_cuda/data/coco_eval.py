@@ -9,9 +9,6 @@ Usage (every rank)::
     result = evaluator.evaluate(output_dir=output_dir)  # same dict on every rank; rank 0 writes files
     result["metrics"]["AP"], result["per_class"], format_metrics(result)
 
-or, when the caller has already gathered {image id: detection dict} on one
-rank: ``evaluator.evaluate(predictions, output_dir)`` (no communication).
-
 Detections are stored per image id, so images repeated by the distributed
 sampler's padding count once, and the evaluated image set is exactly the set
 of images seen (other ground-truth images are not counted as misses).
@@ -27,6 +24,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..util import dist
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -34,10 +33,6 @@ def _to_numpy(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def _dist_ready():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def detection_to_array(image_id, detection, label_to_category_id, score_threshold=0.0):
@@ -55,9 +50,9 @@ def detection_to_array(image_id, detection, label_to_category_id, score_threshol
     if len(labels) and (labels.min() < 0 or labels.max() >= len(label_to_category_id)):
         raise ValueError(f"image {image_id}: predicted label {int(labels.max())} outside the category map of "
                          f"{len(label_to_category_id)} labels (model/dataset class count mismatch?)")
-    keep = scores >= score_threshold
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    category_ids = np.asarray(label_to_category_id, dtype=np.float64)[labels]
+    category_ids = np.asarray([np.nan if c is None else c for c in label_to_category_id], dtype=np.float64)[labels]
+    keep = (scores >= score_threshold) & ~np.isnan(category_ids)  # rows that name no category are dropped
+    boxes, scores, category_ids = boxes[keep], scores[keep], category_ids[keep]
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     return np.concatenate([xywh, scores[:, None], category_ids[:, None]], axis=1)
 
@@ -148,8 +143,9 @@ class CocoEvaluator:
 
     def __init__(self, coco_gt, label_to_category_id, class_names=None, score_threshold=0.0):
         self.coco_gt = coco_gt
-        self.label_to_category_id = [int(c) for c in label_to_category_id]
-        self.class_names = None if class_names is None else dict(zip(self.label_to_category_id, class_names))
+        self.label_to_category_id = [None if c is None else int(c) for c in label_to_category_id]
+        self.class_names = None if class_names is None else {
+            c: name for c, name in zip(self.label_to_category_id, class_names) if c is not None}
         self.score_threshold = score_threshold
         self.results = {}  # image id -> (K, 6) array [x, y, w, h, score, category id]
 
@@ -166,50 +162,25 @@ class CocoEvaluator:
 
     def gather(self):
         """{image id: (K, 6) array} merged over all ranks (first occurrence of an image id kept)."""
-        if not _dist_ready():
-            return dict(self.results)
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, self.results)
         merged = {}
-        for part in parts:
+        for part in dist.all_gather_object(self.results):
             for image_id, results in part.items():
                 merged.setdefault(image_id, results)
         return merged
 
-    def evaluate(self, predictions=None, output_dir=None):
-        """Result dict of :func:`evaluate_coco`; writes ``eval.json`` and ``detections.json`` (COCO
-        results format) into ``output_dir`` when given.
-
-        predictions=None: evaluates what :meth:`update` collected; under
-        torch.distributed this is a collective (every rank calls it, rank 0
-        computes, every rank gets the result). predictions={image id: detection
-        dict}: the complete set, already gathered by the caller; evaluated here
-        without any communication.
+    def evaluate(self, output_dir=None):
+        """Result dict of :func:`evaluate_coco` on what :meth:`update` collected; writes ``eval.json``
+        and ``detections.json`` (COCO results format) into ``output_dir`` when given. A collective
+        under torch.distributed: every rank calls it, rank 0 computes, every rank gets the result.
         """
-        if predictions is not None:
-            arrays = {int(image_id): detection_to_array(image_id, detection, self.label_to_category_id,
-                                                        self.score_threshold)
-                      for image_id, detection in predictions.items()}
-            return self._evaluate_arrays(arrays, output_dir)
         merged = self.gather()
-        rank = torch.distributed.get_rank() if _dist_ready() else 0
-        result = self._evaluate_arrays(merged, output_dir) if rank == 0 else None
-        if _dist_ready():
-            box = [result]
-            torch.distributed.broadcast_object_list(box, src=0)
-            result = box[0]
-        return result
-
-    def _evaluate_arrays(self, arrays, output_dir):
-        coco_results = arrays_to_coco_results(arrays)
-        result = evaluate_coco(self.coco_gt, coco_results, arrays.keys(), self.class_names)
-        if output_dir is not None:
-            write_eval_files(output_dir, result, coco_results)
-        return result
-
-    @staticmethod
-    def format_table(result):
-        return format_metrics(result)
+        result = None
+        if dist.is_main_process():
+            coco_results = arrays_to_coco_results(merged)
+            result = evaluate_coco(self.coco_gt, coco_results, merged.keys(), self.class_names)
+            if output_dir is not None:
+                write_eval_files(output_dir, result, coco_results)
+        return dist.broadcast_object(result)
 
 
 def write_eval_files(output_dir, result, coco_results):

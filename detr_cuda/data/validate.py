@@ -36,15 +36,11 @@ from typing import List, Optional
 
 from PIL import Image
 
-from ..config import CHOICES
-
 logger = logging.getLogger(__name__)
 
 BOX_TOLERANCE_PX = 1.0
 IMAGE_LEVEL_KINDS = ("bad_image_entry", "duplicate_image_id", "missing_image_file", "unreadable_image",
                      "truncated_image", "image_size_mismatch")
-CHECK_IMAGE_MODES = CHOICES["data.check_images"]
-POLICIES = CHOICES["data.invalid_annotations"]
 
 
 class AnnotationFileError(ValueError):
@@ -172,8 +168,6 @@ def _check_bbox(bbox, width, height):
 
 def validate_coco_dict(coco_dict, image_dir, check_images="header", source="dataset", num_threads=8):
     """Checks a parsed instances JSON against ``image_dir``; returns a :class:`ValidationReport`."""
-    if check_images not in CHECK_IMAGE_MODES:
-        raise ValueError(f"check_images must be one of {CHECK_IMAGE_MODES}, got {check_images!r}")
     images = coco_dict.get("images", [])
     annotations = coco_dict.get("annotations", [])
     report = ValidationReport(source, len(images), len(annotations))
@@ -252,8 +246,6 @@ def apply_policy(coco_dict, report, policy, log=True):
 
     The input dict is not modified; when there are no problems it is returned as is.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"data.invalid_annotations must be one of {POLICIES}, got {policy!r}")
     if report.ok:
         return coco_dict
     if policy == "fail":

@@ -15,13 +15,15 @@ import time
 import torch
 
 from ..data.coco_eval import CocoEvaluator, format_metrics
+from ..util.device import autocast_context, move_to_device
 from .logger import format_seconds
-from .train_loop import autocast_context, move_to_device
 
 
 @torch.no_grad()
-def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print):
+def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log=print, categories=None):
     """COCO bbox metrics of ``model`` on ``loader`` (every rank calls it; every rank gets the result).
+
+    categories: the model's CategoryMap (what its class rows mean; default: the dataset's).
 
     Returns the evaluator's result: "metrics" {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ...},
     "coco_stats" (the 12 stats in pycocotools' order), "per_class" (list of {category_id, name, num_gt,
@@ -30,7 +32,8 @@ def evaluate(model, postprocessor, loader, dataset, device, cfg, output_dir, log
     """
     started = time.time()
     model.eval()
-    evaluator = CocoEvaluator(dataset.load_coco_gt(), dataset.label_to_category_id,
+    categories = categories or dataset.categories
+    evaluator = CocoEvaluator(dataset.load_coco_gt(), categories.label_to_category_id,
                               score_threshold=cfg.eval.score_threshold)
     num_batches = len(loader)
     report_every = max(1, num_batches // 10)  # about ten progress lines per evaluation

@@ -1,9 +1,13 @@
-"""Run logging: console lines, ``log.jsonl`` and TensorBoard scalars. Only rank 0 writes.
+"""Run logging: console lines, ``log.jsonl`` and TensorBoard scalars (rank 0 writes), and the
+running sums of the loss terms between log lines.
 
 ``log.jsonl`` holds one JSON object per line with a ``type`` key:
-  "train_interval": iteration-level averages (losses, each loss term, lr, grad_norm, times, memory);
-  "epoch":          epoch averages plus ``test_coco_eval_bbox`` (the 12 COCO stats) when evaluated;
-  "eval":           the evaluation summary.
+  "run":            world size and environment (versions, device, git commit);
+  "train_interval": averages over the steps since the last line (the loss and each loss term, lr per
+                    parameter group, grad_norm, data and step time, peak memory);
+  "epoch":          the epoch's averages (``train_<term>``) plus ``test_coco_eval_bbox`` (the 12 COCO
+                    stats) when the epoch ended with an evaluation;
+  "eval":           the evaluation summary of the epoch that was just trained (``epoch``).
 TensorBoard events go to ``<output_dir>/tensorboard``.
 """
 import json
@@ -11,6 +15,8 @@ import math
 import os
 import sys
 import time
+
+import torch
 
 
 class RunLogger:
@@ -63,6 +69,39 @@ class RunLogger:
             self.jsonl = None
 
 
+class Meter:
+    """Sums of named scalars kept on the device, read (one host sync) only when a mean is asked for.
+
+    ``add`` takes {name: 0-d tensor} with the same names every time (a training run's loss terms);
+    the sums are float64, so the means equal those of Python floats added in the same order.
+    """
+
+    def __init__(self):
+        self.names, self.sums, self.count = None, None, 0
+
+    def add(self, values):
+        names = tuple(values)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"Meter: got terms {sorted(names)}, expected {sorted(self.names)}")
+        stacked = torch.stack([value.detach().float() for value in values.values()]).double()
+        self.sums = stacked if self.sums is None else self.sums + stacked
+        self.count += 1
+
+    def mean(self):
+        """{name: float}; empty when nothing was added."""
+        if self.sums is None:
+            return {}
+        return {name: value / self.count for name, value in zip(self.names, self.sums.tolist())}
+
+
+def main_terms(values):
+    """Loss terms of the last decoder layer (no _0.._N / _enc suffix), for the console line."""
+    return {k: v for k, v in values.items()
+            if k.startswith("loss_") and not k.rsplit("_", 1)[-1].isdigit() and not k.endswith("_enc")}
+
+
 def format_seconds(seconds):
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -72,7 +111,6 @@ def format_seconds(seconds):
 
 def memory_megabytes(device):
     """Peak memory of this process: CUDA allocated on GPU, max resident set size on CPU."""
-    import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     try:

@@ -16,6 +16,17 @@ def _matches(name, patterns):
     return any(pattern in name for pattern in patterns)
 
 
+def base_lr(group_name, train_cfg):
+    """The configured learning rate of the parameter group called ``group_name``."""
+    return {"main": train_cfg.lr, "backbone": train_cfg.lr_backbone,
+            "linear_proj": train_cfg.lr * train_cfg.lr_linear_proj_mult}[group_name]
+
+
+def group_base_lrs(optimizer, train_cfg):
+    """The configured base learning rate of each of ``optimizer``'s groups, in order."""
+    return [base_lr(group["name"], train_cfg) for group in optimizer.param_groups]
+
+
 def param_groups(model, train_cfg):
     """List of AdamW param-group dicts; each also carries a ``name`` for logging."""
     backbone, linear_proj, rest = [], [], []
@@ -28,11 +39,8 @@ def param_groups(model, train_cfg):
             linear_proj.append(parameter)
         else:
             rest.append(parameter)
-    groups = [
-        {"name": "main", "params": rest, "lr": train_cfg.lr},
-        {"name": "backbone", "params": backbone, "lr": train_cfg.lr_backbone},
-        {"name": "linear_proj", "params": linear_proj, "lr": train_cfg.lr * train_cfg.lr_linear_proj_mult},
-    ]
+    groups = [{"name": name, "params": params, "lr": base_lr(name, train_cfg)}
+              for name, params in (("main", rest), ("backbone", backbone), ("linear_proj", linear_proj))]
     return [group for group in groups if group["params"]]
 
 

@@ -8,41 +8,20 @@ padded canvas of each level (what the operator samples); :func:`query_points_in_
 turns them into pixels of the original image.
 """
 import torch
-import torch.nn.functional as F
 
-from detr_cuda.ops import MSDeformAttn
-
-
-def sampling_locations_of(layer, query, reference_points, spatial_shapes):
-    """The (sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P)) that
-    ``layer`` (an MSDeformAttn) computes for these inputs, as in ``MSDeformAttn.forward``."""
-    batch, num_queries, _ = query.shape
-    offsets = layer.sampling_offsets(query).view(batch, num_queries, layer.n_heads, layer.n_levels, layer.n_points, 2)
-    weights = layer.attention_weights(query).view(batch, num_queries, layer.n_heads, layer.n_levels * layer.n_points)
-    weights = F.softmax(weights, -1).view(batch, num_queries, layer.n_heads, layer.n_levels, layer.n_points)
-    if reference_points.shape[-1] == 2:
-        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(query.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-    elif reference_points.shape[-1] == 4:
-        locations = (reference_points[:, :, None, :, None, :2]
-                     + offsets / layer.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-    else:
-        raise ValueError(f"reference_points must end in 2 or 4, got shape {tuple(reference_points.shape)}")
-    return locations, weights
+from ..models.deformable_transformer import valid_ratios
+from ..ops import MSDeformAttn
+from ..ops.geometry import level_shapes
 
 
 def valid_ratios_from_padding(padding_mask, spatial_shapes, batch):
     """(B, S) bool padding mask of the flattened levels -> (B, L, 2) valid fraction (w, h) per level,
-    counted like DeformableTransformer.get_valid_ratio (first row / first column)."""
-    ratios = []
-    start = 0
-    for height, width in spatial_shapes.tolist():
-        if padding_mask is None:
-            ratios.append(torch.ones(batch, 2))
-        else:
-            level = padding_mask[:, start:start + height * width].view(batch, height, width).cpu()
-            ratios.append(torch.stack([(~level[:, 0, :]).sum(1).float() / width,
-                                       (~level[:, :, 0]).sum(1).float() / height], -1))
+    as the transformer computes it (:func:`detr_cuda.models.deformable_transformer.valid_ratios`)."""
+    if padding_mask is None:
+        return torch.ones(batch, len(spatial_shapes), 2)
+    ratios, start = [], 0
+    for height, width in level_shapes(spatial_shapes):
+        ratios.append(valid_ratios(padding_mask[:, start:start + height * width].view(batch, height, width).cpu()))
         start += height * width
     return torch.stack(ratios, 1)
 
@@ -66,8 +45,8 @@ class SamplingRecorder:
         inputs = dict(zip(names, args))
         inputs.update(kwargs)
         with torch.no_grad():
-            locations, weights = sampling_locations_of(module, inputs["query"], inputs["reference_points"],
-                                                       inputs["input_spatial_shapes"])
+            locations, weights = module.sampling_locations(inputs["query"], inputs["reference_points"],
+                                                           inputs["input_spatial_shapes"])
         spatial_shapes = inputs["input_spatial_shapes"]
         self.records.append({
             "sampling_locations": locations.detach().float().cpu(),

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detr_cuda.ops import MSDeformAttn
+from ..ops import msda_backend
 
 MIN_ONNX_OPSET = 16  # first opset with GridSample
 DEFAULT_ONNX_OPSET = 17
@@ -51,20 +51,6 @@ class InferenceModel(nn.Module):
     def forward(self, images, padding_mask):
         outputs = self.model(images, padding_mask)
         return outputs["pred_logits"], outputs["pred_boxes"]
-
-
-@contextlib.contextmanager
-def msda_backend(model, backend):
-    """Sets every MSDeformAttn layer of ``model`` to ``backend`` for the duration, then restores it."""
-    layers = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
-    saved = [layer.backend for layer in layers]
-    for layer in layers:
-        layer.backend = backend
-    try:
-        yield model
-    finally:
-        for layer, previous in zip(layers, saved):
-            layer.backend = previous
 
 
 def example_inputs(batch_size, height, width, device="cpu", seed=0):

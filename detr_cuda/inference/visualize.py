@@ -3,13 +3,11 @@ import os
 
 import torch
 
-from detr_cuda.data.coco import CocoDetection
-from detr_cuda.data.loader import collate_fn
-from detr_cuda.util.box_ops import box_cxcywh_to_xyxy
-
+from ..data.coco import CocoDetection
+from ..data.loader import collate_fn
+from ..util.box_ops import box_cxcywh_to_xyxy
 from .attention import capture_decoder_sampling, query_points_in_image
 from .drawing import draw_detections, draw_sampling_points, side_by_side
-from .predictor import predict_images, preprocess
 
 
 def render_ground_truth_vs_predictions(detector, dataset, index, score_threshold=0.3):
@@ -21,7 +19,7 @@ def render_ground_truth_vs_predictions(detector, dataset, index, score_threshold
     image, target = dataset[index]
     gt_names = [dataset.class_names[label] for label in target["labels"].tolist()]
     left = draw_detections(image, target["boxes"], gt_names)
-    detection = predict_images(detector, [image])[0]
+    detection = detector.detect([image])[0]
     keep = detection["scores"] >= score_threshold
     names = [detector.category_map.class_names[label] for label in detection["labels"][keep].tolist()]
     right = draw_detections(image, detection["boxes"][keep], names, detection["scores"][keep])
@@ -61,7 +59,7 @@ def attention_points(detector, image, query=None):
     Returns {"query", "score", "label", "box" (xyxy pixels), "points" (per level (H*P, 2) pixels
     of ``image``), "weights" (per level (H*P,)), "reference_point" (x, y)}.
     """
-    pixels, padding_mask, _ = collate_fn([(preprocess(image, detector.config.data), {})])
+    pixels, padding_mask, _ = collate_fn([(detector.preprocess(image), {})])
     outputs, record = capture_decoder_sampling(detector.model, pixels.to(detector.device),
                                                padding_mask.to(detector.device))
     probabilities = outputs["pred_logits"][0].float().sigmoid().cpu()   # (Q, K)

@@ -2,12 +2,12 @@
 
 ``build_model(cfg, num_classes) -> (model, criterion, postprocessor)`` is the entry point.
 """
-from .build import build_model, set_msda_backend
-from .checkpoint import load_model_weights, load_state_dict_file, official_coco_category_map
+from .build import build_model
 from .criterion import SetCriterion, sigmoid_focal_loss
-from .deformable_detr import MLP, DeformableDETR
+from .deformable_detr import DeformableDETR
 from .matcher import HungarianMatcher
+from .mlp import MLP
 from .postprocess import PostProcess
 
-__all__ = ["build_model", "set_msda_backend", "DeformableDETR", "MLP", "SetCriterion", "sigmoid_focal_loss", "HungarianMatcher",
-           "PostProcess", "load_model_weights", "load_state_dict_file", "official_coco_category_map"]
+__all__ = ["build_model", "DeformableDETR", "MLP", "SetCriterion", "sigmoid_focal_loss", "HungarianMatcher",
+           "PostProcess"]

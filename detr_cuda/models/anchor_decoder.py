@@ -10,9 +10,9 @@ predicts relative to them.
 
 Anchors are learned (``refpoint_embed`` on the detector) or, in two-stage, the
 top-k encoder proposals; content is learned (``tgt_embed``) in both cases, as
-in DINO's mixed query selection. Module names follow the official DN-DETR
-release: ``transformer.decoder.query_scale.layers.*``,
-``transformer.decoder.ref_point_head.layers.*``.
+in DINO's mixed query selection (DeformableTransformer with query_type
+"anchor" picks them). Module names follow the official DN-DETR release:
+``transformer.decoder.query_scale.layers.*``, ``transformer.decoder.ref_point_head.layers.*``.
 """
 import math
 
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..util.box_ops import inverse_sigmoid
-from .deformable_detr import MLP
-from .deformable_transformer import DeformableTransformer, build_deformable_transformer
+from .deformable_encoder import clones
+from .mlp import MLP
+from .position_encoding import sine_features
 
 # DN-DETR uses eps 1e-3 for inverse_sigmoid (Deformable DETR 1e-5); kept so
 # its checkpoints reproduce.
@@ -35,10 +36,7 @@ def box_sine_embedding(boxes, num_pos_feats=128, temperature=10000):
     sin on even and cos on odd features (interleaved); concatenated in the
     order y, x, w, h as in DAB-DETR.
     """
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    scaled = boxes[..., None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
-    embedded = torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
+    embedded = sine_features(boxes * (2 * math.pi), num_pos_feats, temperature)  # (B, Q, 4, F)
     x_embed, y_embed, w_embed, h_embed = embedded.unbind(-2)
     return torch.cat((y_embed, x_embed, w_embed, h_embed), dim=-1)
 
@@ -50,10 +48,10 @@ class AnchorDeformableDecoder(nn.Module):
     ``class_embed`` are attached by the detector, as in DeformableTransformerDecoder.
     """
 
-    def __init__(self, layers, d_model):
+    def __init__(self, decoder_layer, num_layers, d_model):
         super().__init__()
-        self.layers = layers
-        self.num_layers = len(layers)
+        self.layers = clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
         self.d_model = d_model
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -98,71 +96,3 @@ class AnchorDeformableDecoder(nn.Module):
             intermediate.append(output)
             intermediate_reference_points.append(reference_points)
         return torch.stack(intermediate), torch.stack(intermediate_reference_points)
-
-
-class AnchorDeformableTransformer(DeformableTransformer):
-    """DeformableTransformer whose decoder takes anchor-box queries.
-
-    Drops the single-stage ``reference_points`` projection and the two-stage
-    ``pos_trans`` query embedding (anchors and ``tgt_embed`` replace them).
-
-    forward(srcs, masks, pos_embeds, query_content, query_anchors=None, prefix_queries=None,
-            self_attn_mask=None)
-    -> (hs (D, B, N+Q, C), init_reference (B, N+Q, 4), inter_references (D, B, N+Q, 4),
-        enc_outputs_class (B, S, K) or None, enc_outputs_coord_unact (B, S, 4) or None).
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        if self.two_stage:
-            del self.pos_trans, self.pos_trans_norm
-        else:
-            del self.reference_points
-        self.decoder = AnchorDeformableDecoder(self.decoder.layers, self.d_model)
-
-    def select_anchor_queries(self, encoded, query_content, query_anchors):
-        """Matching queries: (tgt (B, Q, C), anchors (B, Q, 4), enc_outputs_class, enc_outputs_coord_unact).
-
-        Single-stage: anchors = sigmoid(query_anchors (Q, 4)). Two-stage: the top-k
-        encoder proposals by the first class logit (detached), as in Deformable DETR.
-        """
-        memory = encoded["memory"]
-        batch = memory.shape[0]
-        tgt = query_content.unsqueeze(0).expand(batch, -1, -1)
-        if not self.two_stage:
-            if query_anchors is None:
-                raise ValueError("single-stage anchor queries need query_anchors (num_queries, 4) logits")
-            return tgt, query_anchors.sigmoid().unsqueeze(0).expand(batch, -1, -1), None, None
-        enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact = self.top_proposals(encoded)
-        return tgt, topk_coords_unact.sigmoid(), enc_outputs_class, enc_outputs_coord_unact
-
-    def forward(self, srcs, masks, pos_embeds, query_content, query_anchors=None, prefix_queries=None,
-                self_attn_mask=None):
-        """
-        srcs, pos_embeds: lists over levels of (B, C, H_l, W_l); masks: (B, H_l, W_l) bool.
-        query_content: (Q, C) content of the matching queries; query_anchors: (Q, 4) anchor
-        logits (single-stage) or None (two-stage).
-        prefix_queries: None or {``tgt`` (B, N, C), ``reference_points`` (B, N, 4) boxes in [0, 1]}
-        decoded before the matching queries (DN).
-        self_attn_mask: None or bool (B, N+Q, N+Q), True = blocked (expanded over heads here).
-        """
-        encoded = self.encode(srcs, masks, pos_embeds)
-        tgt, reference_points, enc_outputs_class, enc_outputs_coord_unact = \
-            self.select_anchor_queries(encoded, query_content, query_anchors)
-        if prefix_queries is not None:
-            tgt = torch.cat([prefix_queries["tgt"], tgt], 1)
-            reference_points = torch.cat([prefix_queries["reference_points"].to(reference_points), reference_points], 1)
-        if self_attn_mask is not None:
-            expected = (tgt.shape[0], tgt.shape[1], tgt.shape[1])
-            if tuple(self_attn_mask.shape) != expected:
-                raise ValueError(f"self_attn_mask must be (B, N+Q, N+Q) = {expected}, got "
-                                 f"{tuple(self_attn_mask.shape)}")
-            self_attn_mask = self_attn_mask.repeat_interleave(self.nhead, dim=0)
-        hs, inter_references = self.decoder(tgt, reference_points, encoded["memory"], encoded["spatial_shapes"],
-                                            encoded["level_start_index"], encoded["valid_ratios"], None,
-                                            encoded["mask"], self_attn_mask)
-        return hs, reference_points, inter_references, enc_outputs_class, enc_outputs_coord_unact
-
-
-def build_anchor_transformer(cfg):
-    return build_deformable_transformer(cfg, AnchorDeformableTransformer)

@@ -3,7 +3,7 @@
 The detector of DN-DETR's ``dn_dab_deformable_detr`` model: the Deformable
 DETR backbone, input projections, encoder and cloned heads, with anchor-box
 queries (``anchor_decoder``) and, while training with ``cfg.dn.enabled``,
-noised ground-truth queries (``denoising``). Parameter names match the
+noised ground-truth queries (``dn_queries``). Parameter names match the
 official release (box refinement on, as published), so its checkpoints load:
 ``label_enc.weight`` (K + 1, C - 1), ``tgt_embed.weight`` (Q, C - 1),
 ``refpoint_embed.weight`` (Q, 4), ``transformer.decoder.query_scale.*``,
@@ -13,10 +13,9 @@ official release (box refinement on, as published), so its checkpoints load:
 import torch
 from torch import nn
 
-from ..util.box_ops import inverse_sigmoid
 from .anchor_decoder import ANCHOR_INVERSE_SIGMOID_EPS
 from .deformable_detr import DeformableDETR
-from .denoising import prepare_dn_queries, split_dn_outputs
+from .dn_queries import prepare_dn_queries, split_dn_outputs
 
 
 class AnchorDeformableDETR(DeformableDETR):
@@ -26,7 +25,7 @@ class AnchorDeformableDETR(DeformableDETR):
     DeformableDETR keys (pred_logits (B, Q, K), pred_boxes (B, Q, 4), aux_outputs,
     enc_outputs in two-stage) for the Q matching queries only, plus, when training
     with DN (``model.training``, ``dn_cfg.enabled`` and ``targets`` given):
-        dn_meta: dict from ``denoising.prepare_dn_queries`` (indices of the DN queries and their
+        dn_meta: dict from ``dn_queries.prepare_dn_queries`` (indices of the DN queries and their
             clean targets), or None when no image of the batch has an object;
         dn_outputs (only when dn_meta is not None): {pred_logits (B, P, K), pred_boxes (B, P, 4),
             aux_outputs (if aux_loss): [{pred_logits, pred_boxes}] for decoder layers 0 .. D-2}
@@ -38,12 +37,16 @@ class AnchorDeformableDETR(DeformableDETR):
     query: ``label_enc`` of its noised label + indicator 1.
     """
 
+    learns_query_embed = False
+    reference_eps = ANCHOR_INVERSE_SIGMOID_EPS
+    training_only_prefixes = ("label_enc.",)  # the DN label book: no DN queries at inference
+
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=True, two_stage=False, dn_cfg=None):
+        if transformer.query_type != "anchor":
+            raise ValueError("AnchorDeformableDETR needs a DeformableTransformer with query_type 'anchor'")
         super().__init__(backbone, transformer, num_classes, num_queries, num_feature_levels,
                          aux_loss=aux_loss, with_box_refine=with_box_refine, two_stage=two_stage)
-        if not two_stage:
-            del self.query_embed
         hidden_dim = transformer.d_model
         self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1)
         self.tgt_embed = nn.Embedding(num_queries, hidden_dim - 1)
@@ -51,35 +54,19 @@ class AnchorDeformableDETR(DeformableDETR):
             self.refpoint_embed = nn.Embedding(num_queries, 4)
         self.dn_cfg = dn_cfg
 
-    def predict(self, hs, init_reference, inter_references):
-        """Per-layer heads: hs (D, B, Q, C) -> logits (D, B, Q, K), boxes (D, B, Q, 4) sigmoid cxcywh."""
-        outputs_classes, outputs_coords = [], []
-        for layer in range(hs.shape[0]):
-            reference = init_reference if layer == 0 else inter_references[layer - 1]
-            box_logits = self.bbox_embed[layer](hs[layer]).float()  # boxes in float32 under autocast
-            box_logits = box_logits + inverse_sigmoid(reference, ANCHOR_INVERSE_SIGMOID_EPS)
-            outputs_classes.append(self.class_embed[layer](hs[layer]))
-            outputs_coords.append(box_logits.sigmoid())
-        return torch.stack(outputs_classes), torch.stack(outputs_coords)
-
     def dn_active(self, targets):
         return self.training and targets is not None and self.dn_cfg is not None and self.dn_cfg.enabled
 
-    def run_transformer(self, images, padding_mask, prefix_queries=None, self_attn_mask=None):
-        """Backbone + anchor-query transformer; returns the transformer's 5-tuple.
-
-        prefix_queries: None or {``tgt`` (B, N, C), ``reference_points`` (B, N, 4) boxes in [0, 1]}
-        decoded before the matching queries; self_attn_mask: None or bool (B, N+Q, N+Q), True = blocked.
-        """
-        srcs, masks, positions = self.multi_scale_features(images, padding_mask)
+    def learned_queries(self):
+        """The transformer's ``queries``: (content (Q, C) = tgt_embed + indicator 0, anchor logits
+        (Q, 4), or None in two-stage: the encoder's proposals)."""
         content = self.tgt_embed.weight
         content = torch.cat([content, content.new_zeros(len(content), 1)], dim=-1)
         if self.training:
             # Keeps label_enc in the graph when a batch has no DN query (DDP needs every
             # parameter used); adds exactly zero.
             content = content + 0.0 * self.label_enc.weight.sum()
-        anchors = None if self.two_stage else self.refpoint_embed.weight
-        return self.transformer(srcs, masks, positions, content, anchors, prefix_queries, self_attn_mask)
+        return content, None if self.two_stage else self.refpoint_embed.weight
 
     def forward(self, images, padding_mask, targets=None):
         use_dn = self.dn_active(targets)
@@ -106,7 +93,7 @@ class AnchorDeformableDETR(DeformableDETR):
 
 
 def build_anchor_detr(cfg, backbone, transformer, num_classes):
-    """AnchorDeformableDETR from a Config; ``transformer`` from anchor_decoder.build_anchor_transformer."""
+    """AnchorDeformableDETR from a Config; ``transformer`` a DeformableTransformer with query_type "anchor"."""
     model_cfg = cfg.model
     return AnchorDeformableDETR(backbone, transformer, num_classes=num_classes, num_queries=model_cfg.num_queries,
                                 num_feature_levels=model_cfg.num_feature_levels, aux_loss=model_cfg.aux_loss,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import load_file
 from .position_encoding import build_position_encoding
 
 
@@ -115,8 +116,6 @@ class ResNet(nn.Module):
         super().__init__()
         if name not in RESNET_SPECS:
             raise ValueError(f"unknown backbone '{name}' (known: {', '.join(RESNET_SPECS)})")
-        if width < 1:
-            raise ValueError(f"model.backbone_width must be >= 1, got {width}")
         block, layers = RESNET_SPECS[name]
         self.name = name
         self.inplanes = width
@@ -130,7 +129,6 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
         self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
         self.num_channels = [2 * width * block.expansion, 4 * width * block.expansion, 8 * width * block.expansion]
-        self.strides = [8, 16, 16 if dilation else 32]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -169,7 +167,7 @@ def load_torchvision_resnet_weights(body, path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.backbone_weights: file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -212,7 +210,6 @@ class Backbone(nn.Module):
                 parameter.requires_grad_(False)
         self.return_all_levels = return_all_levels
         self.num_channels = self.body.num_channels if return_all_levels else self.body.num_channels[-1:]
-        self.strides = self.body.strides if return_all_levels else self.body.strides[-1:]
 
     def forward(self, images, padding_mask):
         features = self.body(images)
@@ -235,7 +232,6 @@ class Joiner(nn.Sequential):
     def __init__(self, backbone, position_embedding):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
-        self.strides = backbone.strides
 
     def forward(self, images, padding_mask):
         features, masks, positions = [], [], []

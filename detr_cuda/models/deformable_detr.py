@@ -7,21 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..util.box_ops import inverse_sigmoid
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU between them (none after the last); keys ``layers.{i}``."""
-
-    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
-        super().__init__()
-        hidden = [hidden_dim] * (num_layers - 1)
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim]))
-
-    def forward(self, x):
-        for index, layer in enumerate(self.layers):
-            x = F.relu(layer(x)) if index < self.num_layers - 1 else layer(x)
-        return x
+from .mlp import MLP
 
 
 class DeformableDETR(nn.Module):
@@ -34,12 +20,20 @@ class DeformableDETR(nn.Module):
         enc_outputs: {pred_logits (B, S, K), pred_boxes (B, S, 4)} for the encoder proposals (two-stage).
     ``targets`` is accepted for interface symmetry with DN models and unused here.
 
+    Queries: ``query_embed`` (Q, 2C) in single-stage; none in two-stage (the encoder's proposals).
+    Subclasses with other learned queries set ``learns_query_embed = False``, create their own
+    parameters and return them from :meth:`learned_queries` (the transformer's ``queries``).
+
     Heads: without refinement one class head and one box head are shared by
     every decoder layer (the ModuleList repeats the same module, so the state
     dict repeats its keys); with refinement each layer has its own deep copy
     and the decoder holds the same list (keys ``transformer.decoder.bbox_embed.*``).
     Two-stage adds one more head pair (index D) for the encoder proposals.
     """
+
+    learns_query_embed = True
+    reference_eps = 1e-5                  # inverse_sigmoid clamp of the reference points (Deformable DETR's)
+    training_only_prefixes = ()           # parameters unused at inference (none here)
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False):
@@ -51,7 +45,7 @@ class DeformableDETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.num_feature_levels = num_feature_levels
-        if not two_stage:
+        if not two_stage and self.learns_query_embed:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         self.input_proj = self._build_input_proj(backbone, hidden_dim, num_feature_levels)
         self.backbone = backbone
@@ -129,7 +123,8 @@ class DeformableDETR(nn.Module):
         """Per-layer heads: hs (D, B, Q, C) -> logits (D, B, Q, K), boxes (D, B, Q, 4) sigmoid cxcywh."""
         outputs_classes, outputs_coords = [], []
         for layer in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if layer == 0 else inter_references[layer - 1])
+            reference = inverse_sigmoid(init_reference if layer == 0 else inter_references[layer - 1],
+                                        self.reference_eps)
             box_logits = self.bbox_embed[layer](hs[layer]).float()  # boxes in float32 under autocast
             if reference.shape[-1] == 4:
                 box_logits = box_logits + reference
@@ -150,14 +145,17 @@ class DeformableDETR(nn.Module):
                                   "pred_boxes": enc_outputs_coord_unact.sigmoid()}
         return out
 
+    def learned_queries(self):
+        """The transformer's ``queries``: query_embed (Q, 2C), or None in two-stage."""
+        return None if self.two_stage else self.query_embed.weight
+
     def run_transformer(self, images, padding_mask, prefix_queries=None, self_attn_mask=None):
         """Backbone + transformer; returns the transformer's 5-tuple (see DeformableTransformer).
 
         ``prefix_queries`` / ``self_attn_mask`` are the DN hooks, passed through unchanged.
         """
         srcs, masks, positions = self.multi_scale_features(images, padding_mask)
-        query_embed = None if self.two_stage else self.query_embed.weight
-        return self.transformer(srcs, masks, positions, query_embed, prefix_queries=prefix_queries,
+        return self.transformer(srcs, masks, positions, self.learned_queries(), prefix_queries=prefix_queries,
                                 self_attn_mask=self_attn_mask)
 
     def forward(self, images, padding_mask, targets=None):

@@ -13,6 +13,8 @@ class HungarianMatcher(nn.Module):
     forward(outputs {pred_logits (B, Q, K), pred_boxes (B, Q, 4)}, targets list of
     {labels (N_b,), boxes (N_b, 4)}) -> list of B pairs (query_index int64 (n,),
     target_index int64 (n,)), n = min(Q, N_b). Images with no targets give empty pairs.
+    Target labels must lie in [0, K) (checked when a dataset loads, not here: it would cost a host
+    sync per decoder layer).
     """
 
     def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0):
@@ -38,32 +40,48 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs, targets):
-        batch, num_queries = outputs["pred_logits"].shape[:2]
-        sizes = [len(target["boxes"]) for target in targets]
-        if len(sizes) != batch:
-            raise ValueError(f"matcher: {batch} images of predictions but {len(sizes)} targets")
+        return self.match_sets([(outputs, targets)])[0]
+
+    @torch.no_grad()
+    def match_sets(self, sets):
+        """Matches several prediction sets at once: [(outputs, targets), ...] -> [indices, ...] as
+        :meth:`forward` returns them. Every cost matrix is computed on the device and all go to the
+        host together: one host sync for all the decoder layers of a step."""
+        costs, shapes = [], []
+        for outputs, targets in sets:
+            batch, num_queries = outputs["pred_logits"].shape[:2]
+            sizes = [len(target["boxes"]) for target in targets]
+            if len(sizes) != batch:
+                raise ValueError(f"matcher: {batch} images of predictions but {len(sizes)} targets")
+            shapes.append((batch, num_queries, sizes))
+            if sum(sizes) == 0:
+                continue
+            target_labels = torch.cat([target["labels"] for target in targets])
+            target_boxes = torch.cat([target["boxes"] for target in targets])
+            cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1).float(),
+                                    outputs["pred_boxes"].flatten(0, 1).float(), target_labels, target_boxes.float())
+            costs.append(cost.flatten())
+        host_costs = torch.cat(costs).cpu() if costs else None
+        if host_costs is not None and not torch.isfinite(host_costs).all():
+            # Non-finite predictions: match anyway; their loss is non-finite too, and the training
+            # loop's one check of the total loss deals with it.
+            host_costs = torch.nan_to_num(host_costs, nan=1e8, posinf=1e8, neginf=-1e8)
+        results, offset = [], 0
         empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty) for _ in sizes]
-        target_labels = torch.cat([target["labels"] for target in targets])
-        target_boxes = torch.cat([target["boxes"] for target in targets])
-        num_classes = outputs["pred_logits"].shape[-1]
-        if target_labels.min() < 0 or target_labels.max() >= num_classes:
-            raise ValueError(f"matcher: target labels must lie in [0, {num_classes}), "
-                             f"got min {int(target_labels.min())} max {int(target_labels.max())}")
-        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1).float(),
-                                outputs["pred_boxes"].flatten(0, 1).float(),
-                                target_labels, target_boxes.float())
-        if not torch.isfinite(cost).all():
-            raise ValueError("matcher: the cost matrix has NaN or inf entries "
-                             "(non-finite predictions or degenerate target boxes)")
-        cost = cost.view(batch, num_queries, -1).cpu()
-        indices = []
-        for image, per_image in enumerate(cost.split(sizes, -1)):
-            query_index, target_index = linear_sum_assignment(per_image[image].numpy())
-            indices.append((torch.as_tensor(query_index, dtype=torch.int64),
-                            torch.as_tensor(target_index, dtype=torch.int64)))
-        return indices
+        for batch, num_queries, sizes in shapes:
+            total = sum(sizes)
+            if total == 0:
+                results.append([(empty, empty) for _ in sizes])
+                continue
+            cost = host_costs[offset:offset + batch * num_queries * total].view(batch, num_queries, total)
+            offset += batch * num_queries * total
+            indices = []
+            for image, per_image in enumerate(cost.split(sizes, -1)):
+                query_index, target_index = linear_sum_assignment(per_image[image].numpy())
+                indices.append((torch.as_tensor(query_index, dtype=torch.int64),
+                                torch.as_tensor(target_index, dtype=torch.int64)))
+            results.append(indices)
+        return results
 
 
 def build_matcher(cfg):

@@ -1,8 +1,17 @@
-"""Sine position encoding of Deformable DETR."""
+"""Sine encodings: of pixel positions (PositionEmbeddingSine) and of boxes (:func:`sine_features`)."""
 import math
 
 import torch
 from torch import nn
+
+
+def sine_features(values, num_pos_feats, temperature=10000):
+    """(...) values, already scaled (e.g. by 2*pi) -> (..., num_pos_feats): values / temperature **
+    (2 * (i // 2) / num_pos_feats), sine on even and cosine on odd features (interleaved)."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=values.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    scaled = values[..., None] / dim_t
+    return torch.stack((scaled[..., 0::2].sin(), scaled[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -31,12 +40,8 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_features(x_embed, self.num_pos_feats, self.temperature)
+        pos_y = sine_features(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 

@@ -59,15 +59,17 @@ RuntimeError.
 Gradients: first order for value, sampling_locations and attention_weights;
 differentiating the compiled backward again raises NotImplementedError.
 Checks: shapes, dtypes and devices on every call; the level geometry
-(S == sum H_l*W_l, level_start_index) once per spatial_shapes tensor, which on
-a GPU costs one small device-to-host copy (skipped while torch.compile traces).
+(S == sum H_l*W_l, level_start_index) once per spatial_shapes tensor (geometry.py):
+never read back from the device when the pair was made by ``level_geometry``
+from Python level sizes (as the models do), else one small device-to-host copy
+the first time (skipped while torch.compile traces).
 """
 import os
 import warnings
-import weakref
 
 import torch
 
+from .geometry import check_level_geometry
 from .reference import ms_deform_attn_reference
 
 try:
@@ -88,11 +90,6 @@ _RANKS = {"value": 4, "spatial_shapes": 2, "level_start_index": 1, "sampling_loc
           "attention_weights": 5}
 
 _fallback_warned = False
-# (spatial_shapes ref, its version, level_start_index ref, its version, S) of
-# the last inputs whose level geometry was checked: the encoder and decoder
-# layers of one forward pass share these tensors, so the values (a
-# device-to-host copy on a GPU) are read once per pass, not once per layer.
-_checked_geometry = None
 
 
 def extension_available():
@@ -204,33 +201,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             raise ValueError(f"ms_deform_attn: {name} is on {tensor.device} but value is on {value.device}; "
                              "all inputs must be on one device")
     if not torch.compiler.is_compiling():
-        _check_level_geometry(spatial_shapes, level_start_index, value.shape[1])
-
-
-def _check_level_geometry(spatial_shapes, level_start_index, num_values):
-    """S == sum(H_l * W_l), every level non-empty, level_start_index its prefix sums."""
-    global _checked_geometry
-    cached = _checked_geometry
-    if (cached is not None and cached[0]() is spatial_shapes and cached[1] == spatial_shapes._version
-            and cached[2]() is level_start_index and cached[3] == level_start_index._version
-            and cached[4] == num_values):
-        return
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
-    total = 0
-    for level, ((height, width), start) in enumerate(zip(shapes, starts)):
-        if height <= 0 or width <= 0:
-            raise ValueError(f"ms_deform_attn: spatial_shapes[{level}] = ({height}, {width}); "
-                             "every level needs a positive height and width")
-        if start != total:
-            raise ValueError(f"ms_deform_attn: level_start_index[{level}] = {start}, expected {total} "
-                             f"(the sum of H_l*W_l over the levels before it; spatial_shapes {shapes})")
-        total += height * width
-    if total != num_values:
-        raise ValueError(f"ms_deform_attn: value has S={num_values} positions but spatial_shapes {shapes} "
-                         f"sum to {total}")
-    _checked_geometry = (weakref.ref(spatial_shapes), spatial_shapes._version,
-                         weakref.ref(level_start_index), level_start_index._version, num_values)
+        check_level_geometry(spatial_shapes, level_start_index, value.shape[1])
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
@@ -242,7 +213,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
         level_start_index: (L,) int64, offset of each level in S.
         sampling_locations: (B, Q, H, L, P, 2), (x, y) normalised to [0, 1];
-            samples outside the maps read zeros.
+            samples outside the maps read zeros; a NaN or infinite location
+            samples nothing (zeros, zero gradient), on every backend.
         attention_weights: (B, Q, H, L, P), already softmaxed over L*P.
         backend: None (DETR_CUDA_MSDA_BACKEND or by device), "cpu", "cuda",
             "reference" or "auto".

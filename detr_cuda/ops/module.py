@@ -1,4 +1,5 @@
 """The MSDeformAttn layer: projections around the ms_deform_attn operator."""
+import contextlib
 import math
 import warnings
 
@@ -54,31 +55,11 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
-        """
-        Args:
-            query: (B, Q, d_model).
-            reference_points: (B, Q, n_levels, 2) as (x, y) in [0, 1] of the
-                padded canvas, or (B, Q, n_levels, 4) as (cx, cy, w, h) boxes.
-            input_flatten: (B, S, d_model), all levels flattened.
-            input_spatial_shapes: (n_levels, 2) int64, (H_l, W_l).
-            input_level_start_index: (n_levels,) int64.
-            input_padding_mask: (B, S) bool, True at padded positions, or None.
-        Returns:
-            (B, Q, d_model).
-        """
+    def sampling_locations(self, query, reference_points, input_spatial_shapes):
+        """Where and how much each query samples: (sampling_locations (B, Q, H, L, P, 2) as (x, y) in
+        [0, 1] of the padded canvas of each level, attention_weights (B, Q, H, L, P) softmaxed over
+        L * P). Arguments as in :meth:`forward`."""
         batch, num_queries, _ = query.shape
-        _, num_values, _ = input_flatten.shape
-        if int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum()) != num_values:
-            raise ValueError(
-                f"input_flatten has S={num_values} positions but input_spatial_shapes "
-                f"{input_spatial_shapes.tolist()} sum to "
-                f"{int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum())}")
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
         sampling_offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
         attention_weights = self.attention_weights(query).view(
@@ -99,6 +80,45 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError("reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), "
                              f"got shape {tuple(reference_points.shape)}")
+        return sampling_locations, attention_weights
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
+                input_level_start_index, input_padding_mask=None):
+        """
+        Args:
+            query: (B, Q, d_model).
+            reference_points: (B, Q, n_levels, 2) as (x, y) in [0, 1] of the
+                padded canvas, or (B, Q, n_levels, 4) as (cx, cy, w, h) boxes.
+            input_flatten: (B, S, d_model), all levels flattened.
+            input_spatial_shapes: (n_levels, 2) int64, (H_l, W_l); S must be their sum of H_l * W_l
+                (checked by the operator, once per tensor: see geometry.py).
+            input_level_start_index: (n_levels,) int64.
+            input_padding_mask: (B, S) bool, True at padded positions, or None.
+        Returns:
+            (B, Q, d_model).
+        """
+        batch, num_values, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
+        sampling_locations, attention_weights = self.sampling_locations(query, reference_points,
+                                                                        input_spatial_shapes)
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                                 sampling_locations, attention_weights, backend=self.backend)
         return self.output_proj(output)
+
+
+@contextlib.contextmanager
+def msda_backend(model, backend):
+    """Points every MSDeformAttn layer of ``model`` at ``backend`` (None = by device) for the
+    duration of the ``with`` block, then restores each layer's own."""
+    layers = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
+    saved = [layer.backend for layer in layers]
+    for layer in layers:
+        layer.backend = backend
+    try:
+        yield model
+    finally:
+        for layer, previous in zip(layers, saved):
+            layer.backend = previous

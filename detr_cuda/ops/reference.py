@@ -9,6 +9,8 @@ the compiled kernels and as the fallback when they are not built.
 import torch
 import torch.nn.functional as F
 
+from .geometry import level_shapes
+
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index,
                              sampling_locations, attention_weights):
@@ -25,14 +27,17 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index,
     """
     batch, _, num_heads, channels = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    level_sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(level_sizes, dim=1)
-    grids = 2 * sampling_locations - 1
+    shapes = level_shapes(spatial_shapes)
+    value_per_level = value.split([height * width for height, width in shapes], dim=1)
+    # A NaN or infinite location samples nothing (zeros, zero gradient), as in the compiled kernels,
+    # where it fails their inside-the-map test: here it is moved far outside the map.
+    grids = torch.where(torch.isfinite(sampling_locations), 2 * sampling_locations - 1,
+                        sampling_locations.new_full((), -3.0))
     sampled_per_level = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(shapes):
         # (B, H_l*W_l, heads, C) -> (B*heads, C, H_l, W_l)
         value_map = value_per_level[level].flatten(2).transpose(1, 2).reshape(
-            batch * num_heads, channels, int(height), int(width))
+            batch * num_heads, channels, height, width)
         # (B, Q, heads, P, 2) -> (B*heads, Q, P, 2)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (B*heads, C, Q, P)

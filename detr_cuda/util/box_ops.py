@@ -12,16 +12,6 @@ def box_xyxy_to_cxcywh(boxes):
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
-def box_xywh_to_xyxy(boxes):
-    x, y, w, h = boxes.unbind(-1)
-    return torch.stack([x, y, x + w, y + h], dim=-1)
-
-
-def box_xyxy_to_xywh(boxes):
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_area(boxes):
     """(N, 4) xyxy -> (N,)."""
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -42,15 +32,11 @@ def box_iou(boxes1, boxes2):
 def generalized_box_iou(boxes1, boxes2):
     """Pairwise GIoU (Rezatofighi et al. 2019) of (N, 4) and (M, 4) xyxy boxes -> (N, M).
 
-    Degenerate boxes (x1 < x0 or y1 < y0) give NaN/inf silently downstream, so
-    they are rejected here with the offending values.
+    The boxes must not be degenerate (x1 >= x0, y1 >= y0): the datasets drop such ground truth
+    when they load, and predicted cxcywh boxes (sigmoid outputs) never are. Not checked here, as
+    that would be a host sync on every call; a non-finite box gives a non-finite loss, which the
+    training loop catches.
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
-        raise ValueError(f"generalized_box_iou: degenerate boxes1 (x1 < x0 or y1 < y0): "
-                         f"{boxes1[~(boxes1[:, 2:] >= boxes1[:, :2]).all(-1)][:4].tolist()}")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError(f"generalized_box_iou: degenerate boxes2 (x1 < x0 or y1 < y0): "
-                         f"{boxes2[~(boxes2[:, 2:] >= boxes2[:, :2]).all(-1)][:4].tolist()}")
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])

@@ -1,0 +1,53 @@
+"""The resume policy: which config changes a resumed run takes, the world-size warning, random streams."""
+import random
+
+import numpy as np
+import torch
+
+from detr_cuda.checkpoint import save_atomic
+from detr_cuda.config import config_to_dict, load_config
+from detr_cuda.engine.resume import (TrainState, capture_rng_state, config_changes, restore_rng_state,
+                                     world_size_change_message)
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    save_atomic({"rng": capture_rng_state()}, tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_config_changes_are_sorted_into_harmless_effective_and_fixed():
+    a = load_config(None, [])
+    b = load_config(None, ["train.max_steps=10", "train.epochs=60", "data.num_workers=0", "eval.batch_size=1"])
+    assert config_changes(config_to_dict(a), config_to_dict(b))[1:] == ([], [])
+    c = load_config(None, ["train.lr=1e-5", "loss.giou_loss_coef=3", "dn.box_noise_scale=0.2"])
+    harmless, effective, fixed = config_changes(config_to_dict(a), config_to_dict(c))
+    assert harmless == [] and fixed == []
+    assert effective == ["dn.box_noise_scale: 0.4 -> 0.2", "loss.giou_loss_coef: 2.0 -> 3.0", "train.lr: 0.0002 -> 1e-05"]
+    d = load_config(None, ["model.hidden_dim=128", "train.batch_size=4"])
+    assert config_changes(config_to_dict(a), config_to_dict(d))[2] == ["model.hidden_dim: 256 -> 128",
+                                                                        "train.batch_size: 2 -> 4"]
+
+
+def test_world_size_change_warning_says_what_changes():
+    # 2 processes x batch 2 wrote it in epoch 1 after 1 batch per rank (images 0..3 of the epoch's order).
+    fewer = world_size_change_message("ck.pth", 2, 1, TrainState(epoch=1, batch=1, step=3), batch_size=2,
+                                      accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=4, lr_drop=7)
+    assert "written by 2 processes, this run has 1" in fewer and "re-seeded" in fewer
+    assert "images per optimizer step: 4 -> 2" in fewer
+    assert "images 0..3 of its order were trained on" in fewer and "the 2 images between are trained on twice" in fewer
+    assert "keeps the stored 2 steps per epoch (this run has 4)" in fewer
+    # 0-based step 14 is the first after 7 epochs of 2 steps; this run has 3 more steps in epoch 1, then 4 per epoch.
+    assert "iteration 15, in epoch 4 of this run (epoch 7 at the stored rate)" in fewer
+    more = world_size_change_message("ck.pth", 1, 2, TrainState(epoch=0, batch=2, step=2), batch_size=2,
+                                     accumulate_steps=1, saved_steps_per_epoch=4, steps_per_epoch=2, lr_drop=0)
+    assert "images per optimizer step: 2 -> 4" in more
+    assert "images 4..7 (4) are skipped this epoch" in more
+    assert "keeps the stored 4 steps per epoch (this run has 2)" in more and "next drop" not in more
+    boundary = world_size_change_message("ck.pth", 2, 4, TrainState(epoch=3, batch=0, step=8), batch_size=2,
+                                         accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=2, lr_drop=7)
+    assert "trained on" not in boundary and "steps per epoch" not in boundary
