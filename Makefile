@@ -39,7 +39,7 @@ install-extras:
 
 # `make test` on a fresh checkout installs first; after `make install` it goes straight to pytest.
 installed:
-	@$(PYTHON) -c "import detr_cuda._C, scipy, pycocotools, yaml, tensorboard" 2>/dev/null || $(MAKE) install
+	@$(PYTHON) -c "import torch, detr_cuda._C, scipy, pycocotools, yaml, tensorboard" 2>/dev/null || $(MAKE) install
 
 build:
 	$(PYTHON) setup.py build_ext --inplace
