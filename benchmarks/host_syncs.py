@@ -27,18 +27,23 @@ On a machine with a GPU it reads the real devices (``emulate=False``). On a CPU-
 on a GPU, by the rule the code itself follows there: a tensor is on the device unless it is a
 host tensor, which is
 
-- the result of a factory call without a ``device`` argument: ``torch.tensor(data)``,
-  ``torch.as_tensor(array)``, ``torch.zeros(n)``, ``torch.from_numpy(a)`` ... (with a device
-  argument, e.g. ``device=x.device``, the result is a device tensor),
+- the result of a factory call without a ``device`` argument or with the string ``"cpu"``:
+  ``torch.tensor(data)``, ``torch.as_tensor(array)``, ``torch.zeros(n, device="cpu")``,
+  ``torch.from_numpy(a)`` ... (with a ``torch.device``, e.g. ``device=x.device``, the result is a
+  device tensor),
 - the result of ``.cpu()``, ``.to("cpu")`` or ``.to(host_tensor)`` of any tensor,
 - the result of an op whose tensor inputs are all host tensors.
 
-Parameters, buffers, the batch and everything computed from them are device tensors. One
-approximation: on the CPU ``x.to(some_tensor.device)`` cannot be told from ``x.to("cpu")``,
-so a ``.to()`` with a ``torch.device`` counts as a move to the device (what model code means by
-it); only the string ``"cpu"`` or a host tensor as the target counts as a move to the host.
+Parameters, buffers, the batch and everything computed from them are device tensors, and so is
+any tensor that existed before the counting began: run the warm-up under a counter too and pass it
+as ``residency_from`` to the counters that count, so that what the warm-up made on the host (an
+optimizer's step counters, say) is known as such. One approximation: on the CPU ``x.to(some_tensor.device)`` cannot be told from
+``x.to(torch.device("cpu"))``, so a ``torch.device`` always means the device (what model code means
+by it) and only the string ``"cpu"`` (or a host tensor as ``.to()``'s target) means the host.
 A move that changes where a tensor lives returns an alias (``view_as``) on the CPU, so the
-source keeps its own status.
+source keeps its own status. Where an op's CPU kernel syncs and its CUDA kernel does not, the
+emulation follows CUDA: ``F.one_hot(labels, num_classes)`` checks the label range with two
+``.item()`` on the CPU and in the kernel on a GPU, so those two are not counted.
 """
 import collections
 import contextlib
@@ -71,24 +76,32 @@ def _is_cpu(device):
     return device is not None and torch.device(device).type == "cpu"
 
 
+def _means_host(device):
+    """Emulation: whether a factory's ``device`` argument puts its result on the host."""
+    return device is None or (isinstance(device, str) and _is_cpu(device))
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Context manager counting host syncs (see the module docstring).
 
     ``emulate``: True on a CPU-only machine (where each tensor would live on a GPU, by the rule
     above), False to read the real devices; None picks True when CUDA is unavailable.
+    ``residency_from``: an earlier counter whose record of host tensors this one continues.
     ``events``: list of (phase, kind, site) in call order; ``counts()`` / ``sites()`` summarise them.
     ``depth``: frames of this repository's code kept per site (innermost first).
     """
 
-    def __init__(self, emulate=None, depth=2):
+    def __init__(self, emulate=None, depth=2, residency_from=None):
         super().__init__()
         self.emulate = emulate
         self.depth = depth
         self.events = []
         self._phase = "-"
-        self._host = WeakIdKeyDictionary()  # emulation: tensors that would live on the host
+        # Emulation: the tensors that would live on the host.
+        self._host = residency_from._host if residency_from is not None else WeakIdKeyDictionary()
         self._patches = []
         self._inside_factory = False
+        self._inside_cpu_only_check = 0
 
     # ------------------------------------------------------------- public API
 
@@ -182,7 +195,7 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = self._kind_of(func, args, kwargs)
-        if kind is not None:
+        if kind is not None and not (kind == "item" and self._inside_cpu_only_check):
             self._record(kind)
         output = func(*args, **kwargs)
         if self.emulate:
@@ -203,6 +216,7 @@ class HostSyncCounter(TorchDispatchMode):
         self._patch_factories()
         if self.emulate:
             self._patch_methods()
+            self._patch_cpu_only_checks()
         try:
             return super().__enter__()
         except BaseException:
@@ -253,8 +267,8 @@ class HostSyncCounter(TorchDispatchMode):
             def make(*args, **kwargs):
                 device = kwargs.get("device")
                 data_is_tensor = name in _FROM_DATA and bool(args) and isinstance(args[0], torch.Tensor)
-                if name in _FROM_DATA and not data_is_tensor and device is not None and (
-                        counter.emulate or not _is_cpu(device)):
+                on_host = _means_host(device) if counter.emulate else (device is None or _is_cpu(device))
+                if name in _FROM_DATA and not data_is_tensor and not on_host:
                     counter._record("to_device")  # Python / numpy data copied to the device
                 counter._inside_factory, previous = True, counter._inside_factory
                 try:
@@ -262,15 +276,30 @@ class HostSyncCounter(TorchDispatchMode):
                 finally:
                     counter._inside_factory = previous
                 if counter.emulate:
-                    if data_is_tensor:
-                        counter._mark(result, host=args[0] in counter._host if device is None else False)
+                    if data_is_tensor and device is None:
+                        counter._mark(result, host=args[0] in counter._host)
                     else:
-                        counter._mark(result, host=name == "from_numpy" or device is None)
+                        counter._mark(result, host=name == "from_numpy" or on_host)
                 return result
             return make
 
         for name in _FACTORIES:
             self._patch(torch, name, factory(name))
+
+    def _patch_cpu_only_checks(self):
+        counter = self
+        one_hot = torch.nn.functional.one_hot
+
+        def checked_in_the_kernel_on_a_gpu(tensor, num_classes=-1):
+            if num_classes < 0:  # the class count comes from max().item() on a GPU too
+                return one_hot(tensor, num_classes)
+            counter._inside_cpu_only_check += 1
+            try:
+                return one_hot(tensor, num_classes)
+            finally:
+                counter._inside_cpu_only_check -= 1
+
+        self._patch(torch.nn.functional, "one_hot", checked_in_the_kernel_on_a_gpu)
 
     def _patch_methods(self):
         counter = self

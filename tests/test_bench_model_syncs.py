@@ -48,7 +48,10 @@ def test_emulation_counts_what_a_gpu_would_wait_for(host_syncs):
             moved.tolist()                                   # to_host
             index.tolist()                                   # nothing: the source stays on the host
             torch.zeros(3).tolist()                          # nothing: made on the host
+            torch.zeros(2, device="cpu").tolist()            # nothing: the string "cpu" is the host
             x.to(torch.float64)                              # nothing: a dtype change
+            labels = (x.detach().abs() * 10).long() % 3      # device
+            torch.nn.functional.one_hot(labels, 3)           # nothing: a GPU checks the range in the kernel
     assert counter.counts("a") == {"item": 2, "to_host": 2, "to_device": 1, "data_dependent": 0}
     assert counter.counts("b") == {"item": 0, "to_host": 1, "to_device": 2, "data_dependent": 1}
     # Every site names this file and its line.
@@ -64,11 +67,13 @@ def test_real_devices_on_a_cpu_have_no_syncs(host_syncs):
 
 def test_counter_restores_torch_also_after_an_error(host_syncs):
     before = {name: getattr(torch, name) for name in ("tensor", "as_tensor", "zeros", "from_numpy")}
+    one_hot = torch.nn.functional.one_hot
     with pytest.raises(ZeroDivisionError):
         with host_syncs.HostSyncCounter(emulate=True):
             assert torch.tensor is not before["tensor"]
             1 / 0
     assert {name: getattr(torch, name) for name in before} == before
+    assert torch.nn.functional.one_hot is one_hot
     for name in ("cpu", "numpy", "tolist", "to"):
         assert name not in torch.Tensor.__dict__, name  # inherited from the C base again, as before
 
