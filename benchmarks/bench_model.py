@@ -520,6 +520,9 @@ def main():
                     failed = True
                     continue
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+                # Each row as it comes, so that a run stopped by a time limit still shows it.
+                print(f"# {backend} amp={amp}: {rows[-1]['ms_per_image']:.1f} ms/image, "
+                      f"peak {rows[-1]['peak_mib']:.0f} MiB", flush=True)
         if not rows:
             sys.exit("no backend ran")
         (print_infer_table if args.mode == "infer" else print_train_table)(args, rows)

@@ -29,7 +29,9 @@
 # --baseline-wait S    the baseline may still be building (by the caller, in the background): the
 #                      benchmark steps wait for it until S seconds after this script started.
 # --deadline S         no step runs past S seconds after the start (each gets the time left,
-#                      none starts with under 30 s left), so summary.txt is always written.
+#                      none starts with under 30 s left), so summary.txt is always written. Each
+#                      step also has a cap (step_cap below, about twice its expected time on an
+#                      H200), so that one hung step cannot take the later steps' time.
 # --dry-run            on a machine without CUDA: every step's CPU path at tiny sizes (the build
 #                      command's set-up, test collection, both benchmarks on the CPU with the same
 #                      options otherwise), the same output files. tests/test_gpu_suite_dry_run.py
@@ -95,22 +97,35 @@ time_left() {  # seconds before the deadline (a large number without one)
   if [[ $deadline -eq 0 ]]; then echo 999999; else echo $((deadline - (SECONDS - started))); fi
 }
 
+step_cap() {  # the most seconds a step may take (estimates for one H200, 16 cores, times about 2)
+  case $1 in
+    build) echo 480 ;;
+    cuda_tests) echo 300 ;;
+    bench_msda) echo 240 ;;
+    bench_model) echo 300 ;;
+    bench_model-syncs*) echo 120 ;;
+    *) echo 999999 ;;
+  esac
+}
+
 step() {  # step NAME LOG COMMAND...: runs COMMAND (within the deadline), appends its output to LOG
   local name=$1 log=$2
   shift 2
-  local left
+  local left cap
   left=$(time_left)
   if [[ $left -lt 30 ]]; then
     note "$name: skipped, ${left} s left before the deadline"
     [[ $status -eq 0 ]] && status=124
     return 0
   fi
+  cap=$(step_cap "$name")
+  [[ $cap -lt $left ]] && left=$cap
   local begin=$SECONDS
   echo "\$ $*" >>"$log"
   timeout --kill-after=10 "$left" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   local why=""
-  [[ $rc -eq 124 || $rc -eq 137 ]] && why=" (stopped at the deadline)"
+  [[ $rc -eq 124 || $rc -eq 137 ]] && why=" (stopped after ${left} s: deadline or the step's cap)"
   note "$name: exit $rc$why, $((SECONDS - begin)) s"
   if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; fi
   return 0
