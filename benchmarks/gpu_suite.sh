@@ -212,8 +212,9 @@ resolve_baseline() {
     baseline_args=(--baseline "$found")
     note "baseline: $found"
   else
-    note "baseline: nothing at $baseline after ${baseline_wait} s: no 'original' rows"
+    note "baseline: nothing at $baseline after ${baseline_wait} s: no 'original' rows (exit status 3 at the end)"
     baseline=""
+    [[ $status -eq 0 ]] && status=3
   fi
 }
 # Dry runs name the original among the backends (on a CPU it runs only when named: a stand-in).

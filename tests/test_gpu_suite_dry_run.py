@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
@@ -65,3 +66,27 @@ def test_a_step_without_time_before_the_deadline_is_skipped_and_said_so(tmp_path
     assert re.search(r"^tests: skipped, -?\d+ s left before the deadline$", summary, re.M)
     assert re.search(r"^total: \d+ s, exit status 124$", summary, re.M)
     assert not (tmp_path / "tests.log").exists()
+
+
+def test_the_baseline_folder_is_waited_for_and_its_absence_is_a_failure(tmp_path):
+    """The caller builds the original in the background: --baseline FOLDER --baseline-wait S takes the
+    MultiScaleDeformableAttention*.so that appears there in time; none in time is exit status 3."""
+    folder = tmp_path / "ops"
+    folder.mkdir()
+    built = folder / "MultiScaleDeformableAttention.cpython-3-x86_64-linux-gnu.so"
+    timer = threading.Timer(8.0, built.write_bytes, [b"not an extension"])
+    timer.start()
+    try:
+        completed = suite(str(tmp_path / "found"), "--dry-run", "--steps", "bench_msda", "--baseline", str(folder),
+                          "--baseline-wait", "120", timeout=300)
+    finally:
+        timer.cancel()
+    summary = (tmp_path / "found" / "summary.txt").read_text()
+    assert f"baseline: {built}" in summary  # found after waiting (the header takes 2-4 s, not 8)
+    assert completed.returncode != 0 and "bench_msda: exit 1" in summary
+
+    completed = suite(str(tmp_path / "missing"), "--dry-run", "--steps", "bench_msda", "--baseline",
+                      str(tmp_path / "empty"), "--baseline-wait", "0", timeout=300)
+    summary = (tmp_path / "missing" / "summary.txt").read_text()
+    assert "baseline: nothing at" in summary and "bench_msda: exit 0" in summary
+    assert completed.returncode == 3 and re.search(r"^total: \d+ s, exit status 3$", summary, re.M)
