@@ -424,7 +424,8 @@ def describe_run():
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("GIT_COMMIT", "")  # a copy of the tree without .git (GPU machine)
     return (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit or 'unknown'}, "
             f"python {platform.python_version()}, {os.cpu_count()} CPUs; command: python {' '.join(sys.argv)}")
 

@@ -341,7 +341,9 @@ def describe_machine(device):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        lines.append(f"commit: {commit.stdout.strip()}{' (with uncommitted changes)' if dirty else ''}")
+        # A copy of the tree without .git (the GPU machine): the caller names it in $GIT_COMMIT.
+        name = commit.stdout.strip() or os.environ.get("GIT_COMMIT", "unknown")
+        lines.append(f"commit: {name}{' (with uncommitted changes)' if dirty else ''}")
     except OSError:
         pass
     try:

@@ -32,6 +32,8 @@
 #                      none starts with under 30 s left), so summary.txt is always written. Each
 #                      step also has a cap (step_cap below, about twice its expected time on an
 #                      H200), so that one hung step cannot take the later steps' time.
+# GIT_COMMIT=SHA       (environment) the commit to record where the tree has no .git (the device
+#                      machine gets a copy of the files only).
 # --dry-run            on a machine without CUDA: every step's CPU path at tiny sizes (the build
 #                      command's set-up, test collection, both benchmarks on the CPU with the same
 #                      options otherwise), the same output files. tests/test_gpu_suite_dry_run.py
@@ -146,7 +148,11 @@ if [[ $dry_run -eq 0 ]] && ! "$python" -c "import torch, sys; sys.exit(0 if torc
 fi
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    echo "commit: $(git rev-parse HEAD)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+  else  # the device machine gets a copy of the tree without .git: the caller names the commit
+    echo "commit: ${GIT_COMMIT:-unknown (no .git here: set GIT_COMMIT)}"
+  fi
   echo "command: bash benchmarks/gpu_suite.sh $out --steps $steps${baseline:+ --baseline $baseline} --deadline $deadline$([[ $dry_run -eq 1 ]] && echo ' --dry-run')"
   "$python" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   echo "cores: $(nproc)"
