@@ -10,8 +10,10 @@ of the compulsory memory traffic and the fraction of the modelled floor
 Shapes (Deformable DETR defaults: B=2, 8 heads x 32 channels, 4 levels, 4 points):
     enc320   encoder of a 320x320 image   (maps 40x40 .. 5x5, Q = S = 2,125)
     enc800   encoder of an 800x1333 image (maps 100x167 .. 13x21, Q = S = 22,223)
+    enc800b8 enc800 with a batch of 8
     dec300   decoder, 300 queries on the 800x1333 maps
     dec900   decoder, 900 queries (300 + 600 denoising) on the 800x1333 maps
+    tiny     maps 8x8 .. 1x1 (Q = S = 85): a seconds-long check of the script itself (gpu_suite.sh --dry-run)
 Sampling locations follow the layer's init pattern (8 directions, 1..4 px per
 point) plus noise around pixel-centre (encoder) or uniform (decoder)
 reference points; --distribution uniform draws them uniformly instead.
@@ -26,7 +28,8 @@ forward+backward minus the resident set before it, in a fresh subprocess per
 row with glibc's mmap threshold fixed at 64 KiB so that freed large blocks
 leave the resident set.
 
-Backends: cpu, cuda, reference, original (with --baseline), and
+Backends: cpu, cuda, reference, original (with --baseline; on the CPU only when --backends names it,
+since the original extension has no CPU kernel), and
 cuda-shared / cuda-deterministic: the cuda backend with the shared-memory or
 the deterministic (fixed-point) grad_value strategy
 (DETR_CUDA_MSDA_GRAD_VALUE=shared / deterministic, set around each call; the
@@ -34,7 +37,8 @@ cuda row sets atomic), so that the backward strategies are timed side by side.
 
 --baseline PATH imports an ALREADY BUILT original Deformable DETR extension
 (MultiScaleDeformableAttention*.so, built outside this repository) by path and
-times it beside ours on CUDA. This script never builds it.
+times it beside ours on CUDA. This script never builds it
+(benchmarks/original_kernel.py says what it relies on).
 
 Examples:
     python benchmarks/bench_msda.py --device cpu
@@ -44,8 +48,6 @@ Examples:
 import argparse
 import contextlib
 import datetime
-import importlib.machinery
-import importlib.util
 import math
 import os
 import platform
@@ -57,20 +59,25 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for path in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 from detr_cuda.ops import functional, ms_deform_attn  # noqa: E402
+from original_kernel import IM2COL_STEP, load_original  # noqa: E402
 
 MAPS_800 = [(100, 167), (50, 84), (25, 42), (13, 21)]
 MAPS_320 = [(40, 40), (20, 20), (10, 10), (5, 5)]
-SHAPES = {
-    "enc320": dict(levels=MAPS_320, queries=None, encoder=True),
-    "enc800": dict(levels=MAPS_800, queries=None, encoder=True),
-    "dec300": dict(levels=MAPS_800, queries=300, encoder=False),
-    "dec900": dict(levels=MAPS_800, queries=900, encoder=False),
-}
 BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4
+SHAPES = {
+    "enc320": dict(levels=MAPS_320, queries=None, encoder=True, batch=BATCH),
+    "enc800": dict(levels=MAPS_800, queries=None, encoder=True, batch=BATCH),
+    "enc800b8": dict(levels=MAPS_800, queries=None, encoder=True, batch=8),
+    "dec300": dict(levels=MAPS_800, queries=300, encoder=False, batch=BATCH),
+    "dec900": dict(levels=MAPS_800, queries=900, encoder=False, batch=BATCH),
+    "tiny": dict(levels=[(8, 8), (4, 4), (2, 2), (1, 1)], queries=None, encoder=True, batch=BATCH),
+}
+DEFAULT_SHAPES = {"cpu": ["enc320", "dec300", "dec900"], "cuda": ["enc800", "enc800b8", "dec300", "dec900"]}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -89,6 +96,7 @@ def make_inputs(shape_name, dtype, device, distribution="realistic", seed=0):
     spec = SHAPES[shape_name]
     generator = torch.Generator().manual_seed(seed)
     levels = spec["levels"]
+    batch = spec["batch"]
     spatial_shapes = torch.tensor(levels, dtype=torch.int64)
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
@@ -97,29 +105,29 @@ def make_inputs(shape_name, dtype, device, distribution="realistic", seed=0):
     loc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     num_levels = len(levels)
 
-    value = torch.randn(BATCH, num_values, HEADS, CHANNELS, generator=generator).to(dtype)
+    value = torch.randn(batch, num_values, HEADS, CHANNELS, generator=generator).to(dtype)
     if distribution == "uniform":
-        locations = torch.rand(BATCH, queries, HEADS, num_levels, POINTS, 2, generator=generator)
+        locations = torch.rand(batch, queries, HEADS, num_levels, POINTS, 2, generator=generator)
     else:
         if spec["encoder"]:  # queries are the pixel centres of every level
             centres = []
             for height, width in levels:
                 ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
                 centres.append(torch.stack([(xs.flatten() + 0.5) / width, (ys.flatten() + 0.5) / height], -1))
-            reference = torch.cat(centres)[None].expand(BATCH, -1, -1)
+            reference = torch.cat(centres)[None].expand(batch, -1, -1)
         else:
-            reference = torch.rand(BATCH, queries, 2, generator=generator)
+            reference = torch.rand(batch, queries, 2, generator=generator)
         thetas = torch.arange(HEADS) * (2 * math.pi / HEADS)
         directions = torch.stack([thetas.cos(), thetas.sin()], -1)
         directions = directions / directions.abs().max(-1, keepdim=True)[0]
         radius = torch.arange(1, POINTS + 1, dtype=torch.float32)
         pixel_offsets = directions[:, None, None, :] * radius[None, None, :, None]  # (H, 1, P, 2)
-        locations = torch.randn(BATCH, queries, HEADS, num_levels, POINTS, 2, generator=generator).mul_(0.5)
+        locations = torch.randn(batch, queries, HEADS, num_levels, POINTS, 2, generator=generator).mul_(0.5)
         locations.add_(pixel_offsets)
         normaliser = torch.tensor([[w, h] for h, w in levels], dtype=torch.float32)  # (L, 2) as (W, H)
         locations.div_(normaliser[:, None, :]).add_(reference[:, :, None, None, None, :])
-    logits = torch.randn(BATCH, queries, HEADS, num_levels * POINTS, generator=generator)
-    attention = logits.softmax(-1).view(BATCH, queries, HEADS, num_levels, POINTS)
+    logits = torch.randn(batch, queries, HEADS, num_levels * POINTS, generator=generator)
+    attention = logits.softmax(-1).view(batch, queries, HEADS, num_levels, POINTS)
     return (value.to(device), spatial_shapes.to(device), level_start_index.to(device),
             locations.to(device=device, dtype=loc_dtype), attention.to(device=device, dtype=loc_dtype))
 
@@ -182,29 +190,28 @@ class BaselineBackend:
     name = "original"
 
     def __init__(self, path):
-        module_name = os.path.basename(path).split(".")[0]
-        loader = importlib.machinery.ExtensionFileLoader(module_name, path)
-        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
-        self.module = importlib.util.module_from_spec(spec)
-        loader.exec_module(self.module)
+        self.module = load_original(path)
 
     def forward(self, inputs):
         value, shapes, starts, loc, attn = inputs
-        return self.module.ms_deform_attn_forward(value, shapes, starts, loc, attn, 64)
+        return self.module.ms_deform_attn_forward(value, shapes, starts, loc, attn, IM2COL_STEP)
 
     def prepare_backward(self, inputs, grad_output):
         value, shapes, starts, loc, attn = inputs
-        return lambda: self.module.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_output, 64)
+        return lambda: self.module.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_output,
+                                                           IM2COL_STEP)
 
     def forward_backward(self, inputs, grad_output):
         self.forward(inputs)
         return self.prepare_backward(inputs, grad_output)()
 
 
-def backend_runs(backend_name, dtype, device, baseline):
-    """Whether a backend row exists for this dtype on this device."""
+def backend_runs(backend_name, dtype, device, baseline, named=()):
+    """Whether a backend row exists for this dtype on this device (``named``: the backends the
+    command line listed; the original runs on the CPU only when listed, for a stand-in)."""
     if backend_name == "original":
-        return baseline is not None and device == "cuda" and dtype in (torch.float32, torch.float64)
+        return (baseline is not None and (device == "cuda" or "original" in named)
+                and dtype in (torch.float32, torch.float64))
     if backend_name == "reference":
         return dtype != torch.float16 or device == "cuda"
     if backend_name not in OUR_BACKENDS:
@@ -301,14 +308,15 @@ def traffic_bytes(shape_name, value_bytes):
     num_values = sum(h * w for h, w in spec["levels"])
     queries = num_values if spec["encoder"] else spec["queries"]
     levels = len(spec["levels"])
-    samples = BATCH * queries * HEADS * levels * POINTS
-    value = BATCH * num_values * HEADS * CHANNELS * value_bytes
+    batch = spec["batch"]
+    samples = batch * queries * HEADS * levels * POINTS
+    value = batch * num_values * HEADS * CHANNELS * value_bytes
     locations = samples * 2 * 4
     attention = samples * 4
-    output = BATCH * queries * HEADS * CHANNELS * value_bytes
+    output = batch * queries * HEADS * CHANNELS * value_bytes
     gathered = samples * 4 * CHANNELS * value_bytes
     value_read = value if spec["encoder"] else min(value, gathered)
-    grad_value = BATCH * num_values * HEADS * CHANNELS * 4
+    grad_value = batch * num_values * HEADS * CHANNELS * 4
     grad_value_written = grad_value if spec["encoder"] else min(grad_value, samples * 4 * CHANNELS * 4)
     forward = value_read + locations + attention + output
     backward = value_read + output + locations + attention + grad_value_written + locations + attention
@@ -333,7 +341,9 @@ def describe_machine(device):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        lines.append(f"commit: {commit.stdout.strip()}{' (with uncommitted changes)' if dirty else ''}")
+        # A copy of the tree without .git (the GPU machine): the caller names it in $GIT_COMMIT.
+        name = commit.stdout.strip() or os.environ.get("GIT_COMMIT", "unknown")
+        lines.append(f"commit: {name}{' (with uncommitted changes)' if dirty else ''}")
     except OSError:
         pass
     try:
@@ -352,7 +362,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
-                        help="default: enc320 dec300 dec900 on CPU (enc800 is minutes there), all on a GPU")
+                        help="default: enc320 dec300 dec900 on CPU (enc800 is minutes there); enc800 enc800b8 dec300 "
+                             "dec900 on a GPU")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: float32 on CPU; float32 bfloat16 float16 on a GPU")
     parser.add_argument("--backends", nargs="+", choices=sorted(OUR_BACKENDS) + ["original"], default=None,
@@ -373,13 +384,13 @@ def main():
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device == "cuda"
-    shapes = args.shapes or (sorted(SHAPES) if on_gpu else ["enc320", "dec300", "dec900"])
+    shapes = args.shapes or DEFAULT_SHAPES[device]
     dtype_names = args.dtypes or (["float32", "bfloat16", "float16"] if on_gpu else ["float32"])
     backends = args.backends or (["original"] if args.baseline else []) + (
         ["cuda", "cuda-shared", "cuda-deterministic"] if on_gpu else ["cpu"]) + ["reference"]
     reps = args.reps or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    baseline = BaselineBackend(os.path.expanduser(args.baseline)) if args.baseline else None
+    baseline = BaselineBackend(args.baseline) if args.baseline else None
     gpu = next((spec for key, spec in GPU_SPECS.items() if on_gpu and key in torch.cuda.get_device_name()), None)
 
     for line in describe_machine(device):
@@ -400,7 +411,7 @@ def main():
             reference_total = None
             rows = []
             for backend_name in sorted(backends, key=lambda name: name != "reference"):
-                if not backend_runs(backend_name, dtype, device, baseline):
+                if not backend_runs(backend_name, dtype, device, baseline, args.backends or ()):
                     continue
                 backend = baseline if backend_name == "original" else OursBackend(backend_name)
                 forward = median_ms(lambda: backend.forward(inputs), device, reps, warmup)

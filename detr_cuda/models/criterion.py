@@ -31,7 +31,7 @@ def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
 def normaliser(count, device):
     """A loss normaliser: ``count`` (this rank's boxes) averaged over ranks, at least 1, as a float32
     0-d tensor on ``device`` (no host sync). Every rank must call it (an all-reduce)."""
-    value = dist.mean_over_ranks(torch.as_tensor(float(count), dtype=torch.float32, device=device))
+    value = dist.mean_over_ranks(torch.full((), float(count), dtype=torch.float32, device=device))
     return torch.clamp(value, min=1)
 
 
@@ -159,7 +159,8 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:
             binary_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             sets.append((outputs["enc_outputs"], binary_targets, "_enc"))
-        all_indices = self.matcher.match_sets([(predictions, set_targets) for predictions, set_targets, _ in sets])
+        all_indices = self.matcher.match_sets([(predictions, set_targets) for predictions, set_targets, _ in sets],
+                                              device=outputs["pred_logits"].device)
         losses = {}
         for (predictions, set_targets, suffix), indices in zip(sets, all_indices):
             losses.update(self.matched_losses(predictions, set_targets, indices, num_boxes, suffix, log=suffix == ""))

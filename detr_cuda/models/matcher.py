@@ -43,10 +43,11 @@ class HungarianMatcher(nn.Module):
         return self.match_sets([(outputs, targets)])[0]
 
     @torch.no_grad()
-    def match_sets(self, sets):
+    def match_sets(self, sets, device=None):
         """Matches several prediction sets at once: [(outputs, targets), ...] -> [indices, ...] as
         :meth:`forward` returns them. Every cost matrix is computed on the device and all go to the
-        host together: one host sync for all the decoder layers of a step."""
+        host together: one host sync for all the decoder layers of a step. With ``device`` (a CUDA
+        device) all the resulting indices go back there in one non-blocking copy."""
         costs, shapes = [], []
         for outputs, targets in sets:
             batch, num_queries = outputs["pred_logits"].shape[:2]
@@ -81,7 +82,26 @@ class HungarianMatcher(nn.Module):
                 indices.append((torch.as_tensor(query_index, dtype=torch.int64),
                                 torch.as_tensor(target_index, dtype=torch.int64)))
             results.append(indices)
+        if device is not None:
+            results = _indices_to(results, torch.device(device))
         return results
+
+
+def _indices_to(results, device):
+    """``results`` of :meth:`HungarianMatcher.match_sets` with every index tensor on ``device``,
+    copied in one transfer (from pinned memory to a GPU: no stall of the host)."""
+    flat = [tensor for indices in results for pair in indices for tensor in pair]
+    if not flat:
+        return results
+    joined = torch.cat(flat)
+    if device.type == "cuda":
+        joined = joined.pin_memory()
+    moved = joined.to(device, non_blocking=device.type == "cuda").split([len(t) for t in flat])
+    position, out = 0, []
+    for indices in results:
+        out.append([(moved[position + 2 * i], moved[position + 2 * i + 1]) for i in range(len(indices))])
+        position += 2 * len(indices)
+    return out
 
 
 def build_matcher(cfg):

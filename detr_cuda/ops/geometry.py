@@ -12,6 +12,7 @@ Reading a GPU tensor back to check it is a host sync, so the check is done once 
 
 :func:`level_shapes` gives the Python level sizes of a pair (from memory when known).
 """
+import collections
 import weakref
 
 import torch
@@ -19,6 +20,8 @@ import torch
 # The pairs known to be valid: id(spatial_shapes) -> (weak refs, versions, Python shapes, S).
 _known = {}
 _MAX_KNOWN = 8
+# The pairs level_geometry made last: (shapes, device) -> (spatial_shapes, level_start_index).
+_recent = collections.OrderedDict()
 
 
 def _validate(shapes, starts):
@@ -54,8 +57,15 @@ def _lookup(spatial_shapes, level_start_index=None):
 
 def level_geometry(shapes, device):
     """(spatial_shapes (L, 2) int64, level_start_index (L,) int64) on ``device`` for level sizes
-    ``shapes`` = [(H_l, W_l), ...] given as Python ints; known valid from then on (no host sync)."""
+    ``shapes`` = [(H_l, W_l), ...] given as Python ints; known valid from then on (no host sync).
+    The last few pairs are reused for the same sizes, so a run of same-size batches copies nothing
+    to the device (do not modify them in place)."""
     shapes = [(int(height), int(width)) for height, width in shapes]
+    key = (tuple(shapes), str(device))
+    reused = None if torch.compiler.is_compiling() else _recent.get(key)
+    if reused is not None and _lookup(reused[0], reused[1]) is not None:
+        _recent.move_to_end(key)
+        return reused
     starts, total = [], 0
     for height, width in shapes:
         starts.append(total)
@@ -65,6 +75,9 @@ def level_geometry(shapes, device):
     level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
     if not torch.compiler.is_compiling():
         _remember(spatial_shapes, level_start_index, shapes, total)
+        _recent[key] = (spatial_shapes, level_start_index)
+        if len(_recent) > _MAX_KNOWN:
+            _recent.popitem(last=False)
     return spatial_shapes, level_start_index
 
 

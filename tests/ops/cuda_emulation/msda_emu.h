@@ -81,7 +81,7 @@
 //     add them here when a kernel needs them; the build
 //     fails with "was not declared" until then.
 //
-// Running the tests:  python -m pytest -q tests/test_ms_deform_attn_cuda_emulated.py
+// Running the tests:  python -m pytest -q tests/ops/test_ms_deform_attn_cuda_emulated.py
 // tests/cuda_emulation/__init__.py builds msda_emu_entry.cpp (this header +
 // csrc/cuda/ms_deform_attn_cuda.cu, exported as msda_emu_forward/_backward)
 // with g++ into build/cuda_emulation/<hash of every source>/ and loads it with

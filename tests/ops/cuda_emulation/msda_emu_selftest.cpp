@@ -1,4 +1,4 @@
-// Kernels that test the emulator itself (tests/test_ms_deform_attn_cuda_emulated.py):
+// Kernels that test the emulator itself (tests/ops/test_ms_deform_attn_cuda_emulated.py):
 // correct ones whose results are known, and deliberately broken ones that a
 // real GPU would run into undefined behaviour with, which the emulator must
 // report as launch errors. Each msda_emu_selftest_* function launches one
