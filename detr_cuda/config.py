@@ -8,14 +8,20 @@ field's fixed choices (``CHOICES``), a number outside its valid range
 (``RANGES``; numbers must also be finite) or fields that contradict each other
 (:func:`check_config`) raise ``ConfigError`` naming the field, the value and
 what is allowed, so a typo never becomes a silent no-op or a late failure.
+
+Relative paths of the input fields (:data:`PATH_FIELDS`: data sets, backbone weights) are made
+absolute where they are given: in a config file against that file's folder (so a config works from
+any current directory), in an override against the current directory. Paths the run writes
+(``train.output_dir``, ``data.synthetic_dir``) stay relative to the current directory.
 """
+import os
 import dataclasses
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import yaml
 
@@ -75,11 +81,15 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "coco"                 # "coco" (any COCO-format folder) or "synthetic"
-    train_images: Optional[str] = None
-    train_annotations: Optional[str] = None
-    val_images: Optional[str] = None
-    val_annotations: Optional[str] = None
+    dataset: str = "coco"                 # "coco" (image folders + annotations in data.format) or "synthetic"
+    format: str = "coco"                  # annotations: "coco" (instances JSON), "yolo" (labels/*.txt), "voc" (XML)
+    # One data set (a path) or several (lists of equal length, concatenated; categories merged by name).
+    # Unset ones are filled from data.root in data.format's standard layout (data/build.py).
+    root: Optional[str] = None
+    train_images: Optional[Union[str, List[str]]] = None
+    train_annotations: Optional[Union[str, List[str]]] = None
+    val_images: Optional[Union[str, List[str]]] = None
+    val_annotations: Optional[Union[str, List[str]]] = None
     synthetic_dir: str = "data_generated/synthetic"
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
@@ -161,12 +171,18 @@ CHOICES = {
     "model.query_type": ("deformable", "anchor"),
     "model.msda_backend": ("auto", "cpu", "cuda", "reference"),  # or null; any letter case
     "data.dataset": ("coco", "synthetic"),
+    "data.format": ("coco", "yolo", "voc"),
     "data.invalid_annotations": ("fail", "skip"),
     "data.check_images": ("none", "header", "full"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
 }
 _CASE_INSENSITIVE = ("model.msda_backend",)
+
+# Input paths: relative ones are resolved where they are given (module docstring). A list field: each item.
+PATH_FIELDS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
+               "model.backbone_weights")
+DATA_PATH_PAIRS = (("data.train_images", "data.train_annotations"), ("data.val_images", "data.val_annotations"))
 
 # Valid ranges of the numeric fields (a list field: of each item), checked whenever a value is set:
 # (low, high, low_inclusive, high_inclusive); None = unbounded on that side.
@@ -239,7 +255,56 @@ def check_config(config):
     if data.crop_min_size > data.crop_max_size:
         raise ConfigError(f"data.crop_min_size ({data.crop_min_size}) must not exceed data.crop_max_size "
                           f"({data.crop_max_size})")
+    _check_data_lists(config)
     return config
+
+
+def _check_data_lists(config):
+    """Several data sets: an image-folder list and an annotation list of the same non-zero length."""
+    for images_name, annotations_name in DATA_PATH_PAIRS:
+        images, annotations = (_field(config, name) for name in (images_name, annotations_name))
+        for name, value in ((images_name, images), (annotations_name, annotations)):
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"{name}: an empty list (give one path, or one per data set)")
+        if not isinstance(images, list) and not isinstance(annotations, list):
+            continue
+        counts = [len(v) if isinstance(v, list) else (0 if v is None else 1) for v in (images, annotations)]
+        if counts[0] != counts[1]:
+            raise ConfigError(f"{images_name} has {counts[0]} path(s) but {annotations_name} has {counts[1]}: "
+                              "give one annotation source per image folder, in the same order")
+
+
+def _field(config, name):
+    section, key = name.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def resolve_path(path, folder):
+    """``path`` (``~`` expanded) made absolute against ``folder`` when relative; None and "" unchanged."""
+    if not isinstance(path, str) or not path:
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+
+
+def _resolve_paths(name, value, folder):
+    """The value of field ``name`` with its relative input paths resolved against ``folder``."""
+    if name not in PATH_FIELDS:
+        return value
+    if isinstance(value, list):
+        return [resolve_path(item, folder) for item in value]
+    return resolve_path(value, folder)
+
+
+def _resolve_layer_paths(values, folder):
+    """A config file's nested dict with its input paths resolved against ``folder`` (a copy)."""
+    resolved = dict(values)
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        if isinstance(resolved.get(section), dict) and key in resolved[section]:
+            resolved[section] = dict(resolved[section])
+            resolved[section][key] = _resolve_paths(name, resolved[section][key], folder)
+    return resolved
 
 
 def _check_choice(value, name):
@@ -264,7 +329,9 @@ def _check_value(value, annotation, name):
             try:
                 return _check_value(value, arg, name)
             except ConfigError as error:
-                errors.append(str(error))
+                # A list is best explained by the list type's error (which item is wrong).
+                is_list_type = typing.get_origin(arg) in (list, List)
+                errors.insert(0 if is_list_type == isinstance(value, (list, tuple)) else len(errors), str(error))
         raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
@@ -312,10 +379,12 @@ def _merge_dict(config, values, prefix=""):
 
 
 def _load_yaml_tree(path, seen=()):
-    path = Path(path).resolve()
+    """[(path, values)] of a file and its _base_ chain, base first. Paths are absolute but not
+    symlink-resolved: a file's relative paths are meant from the folder it was named in."""
+    path = Path(os.path.abspath(path))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    if path in seen:
+    if path.resolve() in seen:
         raise ConfigError(f"config inheritance loop through {path}")
     with open(path) as handle:
         try:
@@ -327,7 +396,7 @@ def _load_yaml_tree(path, seen=()):
     base = values.pop("_base_", None)
     layers = []
     if base is not None:
-        layers = _load_yaml_tree(path.parent / base, seen + (path,))
+        layers = _load_yaml_tree(path.parent / base, seen + (path.resolve(),))
     return layers + [(path, values)]
 
 
@@ -348,6 +417,8 @@ def parse_override(text):
 
 
 def apply_override(config, key, value):
+    """Sets ``key`` ("section.field") to ``value``; a relative input path is taken from the current directory."""
+    value = _resolve_paths(key.strip(), value, os.getcwd())
     parts = key.split(".")
     nested = value
     for part in reversed(parts):
@@ -355,13 +426,15 @@ def apply_override(config, key, value):
     _merge_dict(config, nested)
 
 
-def load_config(path=None, overrides=()):
-    """Config from defaults, an optional YAML file (with _base_ chain) and overrides."""
-    config = Config()
+def load_config(path=None, overrides=(), base=None):
+    """Config from ``base`` (default: the defaults; modified in place), an optional YAML file (with
+    _base_ chain; its relative input paths resolved against its folder) and overrides (relative input
+    paths against the current directory)."""
+    config = Config() if base is None else base
     if path is not None:
         for layer_path, values in _load_yaml_tree(path):
             try:
-                _merge_dict(config, values)
+                _merge_dict(config, _resolve_layer_paths(values, layer_path.parent))
             except ConfigError as error:
                 raise ConfigError(f"{layer_path}: {error}") from None
     for text in overrides:
