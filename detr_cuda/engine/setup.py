@@ -100,19 +100,20 @@ class RunSetUp:
 
     def _build_data(self):
         from ..data import build_dataset
+        from ..data.build import has_split
         log = self.logger.info
         self.train_dataset = build_dataset(self.cfg, "train")
         log(self.train_dataset.summary())
         self.val_dataset = None
-        no_val_paths = self.cfg.data.dataset == "coco" and not self.cfg.data.val_images \
-            and not self.cfg.data.val_annotations
         if self.cfg.train.eval_every < 0:
             log("train.eval_every=-1: no evaluation in this run")
-        elif no_val_paths:
+        elif not has_split(self.cfg.data, "val"):
             log("no validation set (data.val_images / data.val_annotations unset): no evaluation in this run")
         else:
             self.val_dataset = build_dataset(self.cfg, "val")
             log(self.val_dataset.summary())
+        # What the model's class rows mean (several training sets: their categories merged by name); stored
+        # in every checkpoint, and evaluation scores each validation set's categories through it by name.
         self.categories = self.train_dataset.categories
 
     def _build_model(self, weights, fresh):
