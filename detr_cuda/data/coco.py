@@ -100,7 +100,23 @@ def to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class LabelledDataset(torch.utils.data.Dataset):
+    """A data set whose ``categories`` (CategoryMap) say what its labels 0..K-1 are."""
+
+    @property
+    def num_classes(self):
+        return self.categories.num_labels
+
+    @property
+    def label_to_category_id(self):
+        return self.categories.label_to_category_id
+
+    @property
+    def class_names(self):
+        return self.categories.class_names
+
+
+class CocoDetection(LabelledDataset):
     """``dataset[i]`` -> (image, target).
 
     image: (3, H, W) float normalised tensor after ``transforms`` (a PIL RGB
@@ -181,18 +197,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self._cache = self._read_all_images() if cache_images else None
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def num_classes(self):
-        return self.categories.num_labels
-
-    @property
-    def label_to_category_id(self):
-        return self.categories.label_to_category_id
-
-    @property
-    def class_names(self):
-        return self.categories.class_names
-
     def load_coco_gt(self):
         """pycocotools ground truth (crowd regions included) with the same entries dropped as for training."""
         raw = read_annotations(self.annotation_file, self.image_dir, self.annotation_format, "skip")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..categories import CategoryMap
+from .coco import LabelledDataset
 
 
 def category_ids_for(part_categories, model_categories):
@@ -20,7 +21,7 @@ def category_ids_for(part_categories, model_categories):
     return [None if row is None else part_categories.label_to_category_id[row] for row in rows]
 
 
-class ConcatDetection(torch.utils.data.Dataset):
+class ConcatDetection(LabelledDataset):
     """``parts`` (CocoDetection sets) end to end: entry i of the concatenation, with its ``labels``
     in the merged map and ``target["dataset_index"]`` = its part. The key may be (index, seed) as
     for :class:`detr_cuda.data.coco.CocoDetection` (the training sampler's)."""
@@ -34,18 +35,6 @@ class ConcatDetection(torch.utils.data.Dataset):
         # part p's label k -> merged label: every category of a part is in the merged map
         self.merged_labels = [torch.as_tensor(self.categories.rows_for(part.categories)[0], dtype=torch.int64)
                               for part in self.parts]
-
-    @property
-    def num_classes(self):
-        return self.categories.num_labels
-
-    @property
-    def label_to_category_id(self):
-        return self.categories.label_to_category_id
-
-    @property
-    def class_names(self):
-        return self.categories.class_names
 
     def __len__(self):
         return int(self.offsets[-1])
