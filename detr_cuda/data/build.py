@@ -49,11 +49,11 @@ def has_split(data_cfg, split):
     return any(getattr(data_cfg, f"{split}_{kind}") for kind in ("images", "annotations"))
 
 
-def data_sources(data_cfg, split):
-    """[(image folder, annotations)] of ``split``: one pair per data set, from the config or
-    data.root. Raises ValueError naming an unset field, FileNotFoundError naming a missing path."""
+def configured_paths(data_cfg, split):
+    """{"images": (field name, path or list), "annotations": ...} of ``split`` as the config or
+    data.root gives them (not checked on disk). Raises ValueError naming an unset field."""
     layout = ROOT_LAYOUTS[data_cfg.format][split]
-    columns = []
+    columns = {}
     for kind, default in zip(("images", "annotations"), layout):
         name = f"data.{split}_{kind}"
         value = getattr(data_cfg, f"{split}_{kind}")
@@ -62,11 +62,19 @@ def data_sources(data_cfg, split):
         if not value:
             raise ValueError(f"data.dataset=coco needs {name} (the {split} "
                              f"{'image folder' if kind == 'images' else _WHAT[data_cfg.format]}), or data.root")
+        columns[kind] = (name, value)
+    return columns
+
+
+def data_sources(data_cfg, split):
+    """[(image folder, annotations)] of ``split``: one pair per data set, from the config or
+    data.root. Raises ValueError naming an unset field, FileNotFoundError naming a missing path."""
+    columns = []
+    for name, value in configured_paths(data_cfg, split).values():
         values = value if isinstance(value, list) else [value]
         for index, path in enumerate(values):
             if not os.path.exists(path):
-                where = f"{name}[{index}]" if isinstance(value, list) else name
-                raise FileNotFoundError(f"{where}: {path} does not exist")
+                raise FileNotFoundError(f"{f'{name}[{index}]' if isinstance(value, list) else name}: {path} does not exist")
         columns.append(values)
     images, annotations = columns
     if len(images) != len(annotations):  # one given as a list, the other filled from data.root
