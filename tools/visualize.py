@@ -4,7 +4,8 @@
 Ground truth and predictions side by side for images of a COCO-format dataset:
 
     python tools/visualize.py compare --checkpoint CKPT --images val2017/ \\
-        --annotations instances_val2017.json --output-dir vis/ [--num-images 8 | --image-ids 139 285]
+        --annotations instances_val2017.json --output-dir vis/ [--num-images 8 | --image-ids 139 285] \\
+        [--image-format png]
 
 Sampling points of the deformable cross-attention of the last decoder layer for one query
 (one colour per feature level, dot size by attention weight; default query: the one with the

@@ -14,7 +14,7 @@ from detr_cuda.data.build import build_dataset
 from detr_cuda.engine.evaluate import evaluate, scalar_metrics
 from detr_cuda.models.postprocess import PostProcess
 from tests.support.configs import RUN_TINY
-from tests.support.launch import BASE_CONFIG, TRAIN, explain, read_log, run
+from tests.support.launch import BASE_CONFIG, EVAL, TRAIN, explain, read_log, run
 
 
 def write_set(folder, categories, boxes_per_image, size=64):
@@ -159,3 +159,11 @@ def test_training_on_two_sets_from_a_config_in_another_folder(two_sets, tmp_path
     evals, epochs = read_log(output, "eval"), read_log(output, "epoch")
     assert [r["epoch"] for r in evals] == [r["epoch"] for r in epochs] == [0, 1]
     assert {"val0_AP", "val1_AP"} <= set(evals[-1])
+
+    # tools/eval.py from the saved config (its paths are absolute): each set against its own file
+    evaluated = run([sys.executable, EVAL, "--config", str(output / "config.yaml"), "--weights",
+                     str(output / "checkpoint_last.pth"), "--output-dir", str(tmp_path / "eval"), "--no-plots"])
+    assert evaluated.returncode == 0, explain(evaluated)
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [part["annotations"] for part in summary["datasets"]] == [first_ann, second_ann]
+    assert {row["category_id"] for row in summary["datasets"][1]["per_class"]} == {1, 7}
