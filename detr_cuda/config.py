@@ -24,7 +24,8 @@ from typing import List, Optional, Union
 import yaml
 
 # ConfigError, CHOICES, RANGES and range_text are also this module's public names.
-from .config_checks import CHOICES, RANGES, ConfigError, check_choice, check_range, check_value, range_text  # noqa: F401
+from .config_checks import (CHOICES, RANGES, ConfigError, check_choice, check_range, check_value,  # noqa: F401
+                            range_text)
 
 
 @dataclass

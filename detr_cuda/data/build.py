@@ -74,7 +74,8 @@ def data_sources(data_cfg, split):
         values = value if isinstance(value, list) else [value]
         for index, path in enumerate(values):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{f'{name}[{index}]' if isinstance(value, list) else name}: {path} does not exist")
+                where = f"{name}[{index}]" if isinstance(value, list) else name
+                raise FileNotFoundError(f"{where}: {path} does not exist")
         columns.append(values)
     images, annotations = columns
     if len(images) != len(annotations):  # one given as a list, the other filled from data.root

@@ -199,8 +199,8 @@ def _write_yolo(coco_dir, out_dir, split, images, boxes, index_of, names):
     for image in images:
         shutil.copy(os.path.join(coco_dir, "images", image["file_name"]), image_dir)
         width, height = image["width"], image["height"]
-        lines = [f"{index_of[c]} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} {w / width:.6f} {h / height:.6f}\n"
-                 for c, (x, y, w, h) in boxes[image["id"]]]
+        lines = [f"{index_of[c]} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} "
+                 f"{w / width:.6f} {h / height:.6f}\n" for c, (x, y, w, h) in boxes[image["id"]]]
         with open(os.path.join(label_dir, os.path.splitext(image["file_name"])[0] + ".txt"), "w") as handle:
             handle.writelines(lines)
     with open(os.path.join(out_dir, "data.yaml"), "w") as handle:
@@ -217,7 +217,8 @@ def _write_voc(coco_dir, out_dir, split, images, boxes, names):
     for image in images:
         stem = f"{split}_{os.path.splitext(image['file_name'])[0]}"
         file_name = stem + os.path.splitext(image["file_name"])[1]
-        shutil.copy(os.path.join(coco_dir, "images", image["file_name"]), os.path.join(folders["JPEGImages"], file_name))
+        shutil.copy(os.path.join(coco_dir, "images", image["file_name"]),
+                    os.path.join(folders["JPEGImages"], file_name))
         objects = "".join(f"<object><name>{name_of[c]}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin>"
                           f"<ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>"
                           for c, (x, y, w, h) in boxes[image["id"]])
@@ -240,7 +241,8 @@ def main(argv=None):
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
     parser.add_argument("--layout", choices=("coco", "yolo", "voc"), default="coco",
                         help="yolo / voc: also written in that layout into --out (see write_layout)")
-    parser.add_argument("--split", choices=("train", "val"), default="train", help="the split a yolo / voc layout holds")
+    parser.add_argument("--split", choices=("train", "val"), default="train",
+                        help="the split a yolo / voc layout holds")
     args = parser.parse_args(argv)
     coco_dir = args.out if args.layout == "coco" else os.path.join(args.out, f"coco_{args.split}")
     result = generate_synthetic_coco(coco_dir, args.num_images, args.image_size, args.seed, args.format)

@@ -75,4 +75,5 @@ def ground_truth_ap(coco_dict):
     """AP of the ground truth fed back as detections (crowd / difficult regions left out)."""
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in coco_dict["annotations"] if not a.get("iscrowd")]
-    return evaluate_coco(coco_from_dict(copy.deepcopy(coco_dict)), results, [i["id"] for i in coco_dict["images"]])["metrics"]["AP"]
+    ground_truth = coco_from_dict(copy.deepcopy(coco_dict))  # pycocotools marks up the annotations it reads
+    return evaluate_coco(ground_truth, results, [i["id"] for i in coco_dict["images"]])["metrics"]["AP"]
