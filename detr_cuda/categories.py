@@ -7,6 +7,7 @@ through :meth:`CategoryMap.from_checkpoint`. The official Deformable DETR /
 DN-DETR COCO releases store no map: their 91 class rows are indexed by COCO
 category id itself (:meth:`CategoryMap.official_coco`).
 
+Several data sets train one model through one map merged by name (:meth:`CategoryMap.merged`).
 Rows of two maps are matched (:meth:`CategoryMap.rows_for`) by name wherever
 both sides name their categories (case and spaces do not matter: "Traffic
 Light" is "traffic light"), and by category id only where one side has no
@@ -106,6 +107,28 @@ class CategoryMap:
         ids = [None if i is None else int(i) for i in stored["label_to_category_id"]]
         names = stored.get("class_names") or [str(i) for i in ids]
         return cls(ids, [str(n) for n in names], has_names=bool(stored.get("class_names")))
+
+    @classmethod
+    def merged(cls, maps):
+        """One map over the categories of several data sets' ``maps``: categories with the same name
+        (compared as :func:`normalise_name` does) are one label; by category id instead when a map
+        has no names. Labels in order of first appearance (the first map's, then each next map's new
+        ones), each named as where it first appeared. A category keeps the id it has there unless an
+        earlier one took that id; it then gets the next id above every id of every map."""
+        by_name = all(m.has_names for m in maps)
+        next_free = 1 + max((c for m in maps for c in m.label_to_category_id if c is not None), default=0)
+        keys, ids, names = set(), [], []
+        for category_map in maps:
+            for category, name in zip(category_map.label_to_category_id, category_map.class_names):
+                key = normalise_name(name) if by_name else category
+                if category is None or key in keys:
+                    continue
+                keys.add(key)
+                if category in ids:
+                    category, next_free = next_free, next_free + 1
+                ids.append(category)
+                names.append(name)
+        return cls(ids, names, has_names=by_name)
 
     # -- matching ----------------------------------------------------------------------------------
     def rows_for(self, target):

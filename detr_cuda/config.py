@@ -5,23 +5,27 @@ A config file is YAML with the sections below (``model``, ``dn``, ``loss``,
 (path relative to this one). ``key.sub=value`` overrides are parsed as YAML
 scalars. An unknown field, a value of the wrong type, a string outside a
 field's fixed choices (``CHOICES``), a number outside its valid range
-(``RANGES``; numbers must also be finite) or fields that contradict each other
+(``RANGES``; numbers must also be finite; both in :mod:`detr_cuda.config_checks`) or fields that contradict each other
 (:func:`check_config`) raise ``ConfigError`` naming the field, the value and
 what is allowed, so a typo never becomes a silent no-op or a late failure.
+
+Relative paths of the input fields (:data:`PATH_FIELDS`: data sets, backbone weights) are made
+absolute where they are given: in a config file against that file's folder (so a config works from
+any current directory), in an override against the current directory. Paths the run writes
+(``train.output_dir``, ``data.synthetic_dir``) stay relative to the current directory.
 """
 import dataclasses
-import math
-import types
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown field or has a wrong type."""
+# ConfigError, CHOICES, RANGES and range_text are also this module's public names.
+from .config_checks import (CHOICES, RANGES, ConfigError, check_choice, check_range, check_value,  # noqa: F401
+                            range_text)
 
 
 @dataclass
@@ -75,11 +79,15 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "coco"                 # "coco" (any COCO-format folder) or "synthetic"
-    train_images: Optional[str] = None
-    train_annotations: Optional[str] = None
-    val_images: Optional[str] = None
-    val_annotations: Optional[str] = None
+    dataset: str = "coco"                 # "coco" (image folders + annotations in data.format) or "synthetic"
+    format: str = "coco"                  # annotations: "coco" (instances JSON), "yolo" (labels/*.txt), "voc" (XML)
+    # One data set (a path) or several (lists of equal length, concatenated; categories merged by name).
+    # Unset ones are filled from data.root in data.format's standard layout (data/build.py).
+    root: Optional[str] = None
+    train_images: Optional[Union[str, List[str]]] = None
+    train_annotations: Optional[Union[str, List[str]]] = None
+    val_images: Optional[Union[str, List[str]]] = None
+    val_annotations: Optional[Union[str, List[str]]] = None
     synthetic_dir: str = "data_generated/synthetic"
     synthetic_train_images: int = 256
     synthetic_val_images: int = 64
@@ -154,74 +162,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# String fields with a fixed set of values, checked whenever a value is set (file, override or checkpoint), so
-# a typo fails at config load instead of at first use (e.g. train.amp only at the first training step).
-CHOICES = {
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.query_type": ("deformable", "anchor"),
-    "model.msda_backend": ("auto", "cpu", "cuda", "reference"),  # or null; any letter case
-    "data.dataset": ("coco", "synthetic"),
-    "data.invalid_annotations": ("fail", "skip"),
-    "data.check_images": ("none", "header", "full"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-}
-_CASE_INSENSITIVE = ("model.msda_backend",)
-
-# Valid ranges of the numeric fields (a list field: of each item), checked whenever a value is set:
-# (low, high, low_inclusive, high_inclusive); None = unbounded on that side.
-AT_LEAST_0, AT_LEAST_1 = (0, None, True, False), (1, None, True, False)
-UNIT, POSITIVE = (0, 1, True, True), (0, None, False, False)
-RANGES = {
-    "model.backbone_width": AT_LEAST_1, "model.hidden_dim": (32, None, True, False), "model.nheads": AT_LEAST_1,
-    "model.enc_layers": AT_LEAST_1, "model.dec_layers": AT_LEAST_1, "model.dim_feedforward": AT_LEAST_1,
-    "model.dropout": (0, 1, True, False), "model.num_queries": AT_LEAST_1, "model.num_feature_levels": AT_LEAST_1,
-    "model.enc_n_points": AT_LEAST_1, "model.dec_n_points": AT_LEAST_1, "model.num_classes": AT_LEAST_1,
-    "dn.dn_groups": AT_LEAST_1, "dn.label_noise_ratio": UNIT, "dn.box_noise_scale": AT_LEAST_0,
-    "dn.max_dn_queries": AT_LEAST_0,
-    "loss.set_cost_class": AT_LEAST_0, "loss.set_cost_bbox": AT_LEAST_0, "loss.set_cost_giou": AT_LEAST_0,
-    "loss.cls_loss_coef": AT_LEAST_0, "loss.bbox_loss_coef": AT_LEAST_0, "loss.giou_loss_coef": AT_LEAST_0,
-    "loss.focal_alpha": UNIT, "loss.focal_gamma": AT_LEAST_0,
-    "data.synthetic_train_images": AT_LEAST_1, "data.synthetic_val_images": AT_LEAST_1,
-    "data.synthetic_image_size": (32, None, True, False), "data.synthetic_seed": AT_LEAST_0,
-    "data.train_short_sides": AT_LEAST_1, "data.train_max_size": AT_LEAST_1, "data.crop_resize_sides": AT_LEAST_1,
-    "data.crop_min_size": AT_LEAST_1, "data.crop_max_size": AT_LEAST_1, "data.val_short_side": AT_LEAST_1,
-    "data.val_max_size": AT_LEAST_1, "data.num_workers": AT_LEAST_0,
-    "train.seed": AT_LEAST_0, "train.epochs": AT_LEAST_1, "train.max_steps": AT_LEAST_0,
-    "train.batch_size": AT_LEAST_1, "train.accumulate_steps": AT_LEAST_1, "train.lr": (0, 1, False, True),
-    "train.lr_backbone": UNIT, "train.lr_linear_proj_mult": AT_LEAST_0, "train.weight_decay": AT_LEAST_0,
-    "train.clip_max_norm": AT_LEAST_0, "train.lr_drop": AT_LEAST_0, "train.lr_drop_gamma": (0, 1, False, True),
-    "train.warmup_steps": AT_LEAST_0, "train.ema_decay": (0, 1, True, False), "train.checkpoint_every": AT_LEAST_1,
-    "train.checkpoint_every_steps": AT_LEAST_0, "train.eval_every": (-1, None, True, False),
-    "train.log_interval": AT_LEAST_1, "train.max_bad_steps": AT_LEAST_0, "train.dist_timeout_s": AT_LEAST_1,
-    "eval.num_select": AT_LEAST_1, "eval.batch_size": AT_LEAST_1, "eval.score_threshold": UNIT,
-}
-
-
-def range_text(bounds):
-    """'>= 1', 'in [0, 1)', 'in (0, 1]' ..."""
-    low, high, low_inclusive, high_inclusive = bounds
-    if high is None:
-        return f"{'>=' if low_inclusive else '>'} {low}"
-    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-
-
-def _check_range(value, name):
-    items = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not value and name in RANGES:
-        raise ConfigError(f"{name} must be a non-empty list")
-    for item in items:
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ConfigError(f"{name} must be a finite number, got {item!r}")
-        bounds = RANGES.get(name)
-        if bounds is None or item is None or not isinstance(item, (int, float)) or isinstance(item, bool):
-            continue
-        low, high, low_inclusive, high_inclusive = bounds
-        below = low is not None and (item < low or (item == low and not low_inclusive))
-        above = high is not None and (item > high or (item == high and not high_inclusive))
-        if below or above:
-            raise ConfigError(f"{name} must be {range_text(bounds)}, got {item!r}")
-
+# Input paths: relative ones are resolved where they are given (module docstring). A list field: each item.
+PATH_FIELDS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
+               "model.backbone_weights")
+DATA_PATH_PAIRS = (("data.train_images", "data.train_annotations"), ("data.val_images", "data.val_annotations"))
 
 def check_config(config):
     """Raises ConfigError when fields contradict each other (each field alone was checked when set)."""
@@ -239,55 +183,56 @@ def check_config(config):
     if data.crop_min_size > data.crop_max_size:
         raise ConfigError(f"data.crop_min_size ({data.crop_min_size}) must not exceed data.crop_max_size "
                           f"({data.crop_max_size})")
+    _check_data_lists(config)
     return config
 
 
-def _check_choice(value, name):
-    allowed = CHOICES.get(name)
-    if allowed is None or value is None:
-        return
-    if (value.lower() if name in _CASE_INSENSITIVE else value) not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+def _check_data_lists(config):
+    """Several data sets: an image-folder list and an annotation list of the same non-zero length."""
+    for images_name, annotations_name in DATA_PATH_PAIRS:
+        images, annotations = (_field(config, name) for name in (images_name, annotations_name))
+        for name, value in ((images_name, images), (annotations_name, annotations)):
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"{name}: an empty list (give one path, or one per data set)")
+        if not isinstance(images, list) and not isinstance(annotations, list):
+            continue
+        counts = [len(v) if isinstance(v, list) else (0 if v is None else 1) for v in (images, annotations)]
+        if counts[0] != counts[1]:
+            raise ConfigError(f"{images_name} has {counts[0]} path(s) but {annotations_name} has {counts[1]}: "
+                              "give one annotation source per image folder, in the same order")
 
 
-def _check_value(value, annotation, name):
-    """Returns value converted to ``annotation`` or raises ConfigError naming ``name``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, name)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_check_value(item, item_type, f"{name}[{i}]") for i, item in enumerate(value)]
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {type(value).__name__} {value!r}")
+def _field(config, name):
+    section, key = name.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def resolve_path(path, folder):
+    """``path`` (``~`` expanded) made absolute against ``folder`` when relative; None and "" unchanged."""
+    if not isinstance(path, str) or not path:
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+
+
+def _resolve_paths(name, value, folder):
+    """The value of field ``name`` with its relative input paths resolved against ``folder``."""
+    if name not in PATH_FIELDS:
         return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{name}: unsupported field type {annotation}")
+    if isinstance(value, list):
+        return [resolve_path(item, folder) for item in value]
+    return resolve_path(value, folder)
+
+
+def _resolve_layer_paths(values, folder):
+    """A config file's nested dict with its input paths resolved against ``folder`` (a copy)."""
+    resolved = dict(values)
+    for name in PATH_FIELDS:
+        section, key = name.split(".")
+        if isinstance(resolved.get(section), dict) and key in resolved[section]:
+            resolved[section] = dict(resolved[section])
+            resolved[section][key] = _resolve_paths(name, resolved[section][key], folder)
+    return resolved
 
 
 def _merge_dict(config, values, prefix=""):
@@ -305,17 +250,19 @@ def _merge_dict(config, values, prefix=""):
         if dataclasses.is_dataclass(current):
             _merge_dict(current, value, name + ".")
         else:
-            checked = _check_value(value, hints[key], name)
-            _check_choice(checked, name)
-            _check_range(checked, name)
+            checked = check_value(value, hints[key], name)
+            check_choice(checked, name)
+            check_range(checked, name)
             setattr(config, key, checked)
 
 
 def _load_yaml_tree(path, seen=()):
-    path = Path(path).resolve()
+    """[(path, values)] of a file and its _base_ chain, base first. Paths are absolute but not
+    symlink-resolved: a file's relative paths are meant from the folder it was named in."""
+    path = Path(os.path.abspath(path))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    if path in seen:
+    if path.resolve() in seen:
         raise ConfigError(f"config inheritance loop through {path}")
     with open(path) as handle:
         try:
@@ -327,7 +274,7 @@ def _load_yaml_tree(path, seen=()):
     base = values.pop("_base_", None)
     layers = []
     if base is not None:
-        layers = _load_yaml_tree(path.parent / base, seen + (path,))
+        layers = _load_yaml_tree(path.parent / base, seen + (path.resolve(),))
     return layers + [(path, values)]
 
 
@@ -348,6 +295,8 @@ def parse_override(text):
 
 
 def apply_override(config, key, value):
+    """Sets ``key`` ("section.field") to ``value``; a relative input path is taken from the current directory."""
+    value = _resolve_paths(key.strip(), value, os.getcwd())
     parts = key.split(".")
     nested = value
     for part in reversed(parts):
@@ -355,13 +304,15 @@ def apply_override(config, key, value):
     _merge_dict(config, nested)
 
 
-def load_config(path=None, overrides=()):
-    """Config from defaults, an optional YAML file (with _base_ chain) and overrides."""
-    config = Config()
+def load_config(path=None, overrides=(), base=None):
+    """Config from ``base`` (default: the defaults; modified in place), an optional YAML file (with
+    _base_ chain; its relative input paths resolved against its folder) and overrides (relative input
+    paths against the current directory)."""
+    config = Config() if base is None else base
     if path is not None:
         for layer_path, values in _load_yaml_tree(path):
             try:
-                _merge_dict(config, values)
+                _merge_dict(config, _resolve_layer_paths(values, layer_path.parent))
             except ConfigError as error:
                 raise ConfigError(f"{layer_path}: {error}") from None
     for text in overrides:

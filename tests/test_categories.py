@@ -39,3 +39,19 @@ def test_rows_are_matched_by_id_where_a_side_has_no_names():
     # The official heads' unused rows (no category) never match anything.
     rows, _ = CategoryMap.official_coco().rows_for(CategoryMap([12], ["unused-12"]))
     assert rows == [None]
+
+
+def test_maps_of_several_data_sets_merge_by_name():
+    first = CategoryMap([1, 2, 5], ["cat", "Traffic light", "dog"])
+    second = CategoryMap([2, 7, 9], ["DOG", "bird", "traffic_light"])    # overlapping and new names, clashing ids
+    merged = CategoryMap.merged([first, second])
+    # one class per name, in order of first appearance; "bird" keeps its id 7; first spellings kept
+    assert merged == CategoryMap([1, 2, 5, 7], ["cat", "Traffic light", "dog", "bird"])
+    assert merged.rows_for(second) == ([2, 3, 1], "name")
+    third = CategoryMap([1, 3], ["zebra", "cat"])                        # zebra's id 1 is cat's: the next free id
+    assert CategoryMap.merged([first, third]) == CategoryMap([1, 2, 5, 6], ["cat", "Traffic light", "dog", "zebra"])
+    assert CategoryMap.merged([first]) == first
+    # a data set without names: merged by category id
+    unnamed = CategoryMap.from_categories([{"id": 5}, {"id": 8}])
+    by_id = CategoryMap.merged([first, unnamed])
+    assert by_id.label_to_category_id == [1, 2, 5, 8] and not by_id.has_names

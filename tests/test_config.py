@@ -1,3 +1,6 @@
+import os
+import re
+
 import pytest
 
 from detr_cuda.config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -83,3 +86,38 @@ def test_dn_configs_carry_dn_detr_published_recipe(variant):
     assert (cfg.train.lr, cfg.train.lr_backbone, cfg.train.lr_linear_proj_mult) == (1e-4, 1e-5, 1.0)
     assert (cfg.dn.dn_groups, cfg.dn.label_noise_ratio, cfg.dn.box_noise_scale) == (5, 0.2, 0.4)
     assert cfg.model.query_type == "anchor" and cfg.dn.enabled
+
+
+def test_a_config_files_input_paths_are_relative_to_that_file(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "base").mkdir(parents=True)
+    (tmp_path / "configs" / "base" / "base.yaml").write_text(
+        "model:\n  backbone_weights: weights/r50.pth\ndata:\n  root: ../../data/coco\n")
+    (tmp_path / "configs" / "child.yaml").write_text(
+        "_base_: base/base.yaml\ndata:\n  train_images: [../a/images, /abs/b/images]\n  train_annotations: "
+        "[../a/ann.json, ~/b.json]\n  synthetic_dir: generated\ntrain:\n  output_dir: outputs/x\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config("../configs/child.yaml", ["data.val_images=val/images", "data.val_annotations=/v.json"])
+    assert config.model.backbone_weights == str(tmp_path / "configs" / "base" / "weights" / "r50.pth")
+    assert config.data.root == str(tmp_path / "data" / "coco")                  # against base.yaml's folder
+    assert config.data.train_images == [str(tmp_path / "a" / "images"), "/abs/b/images"]
+    assert config.data.train_annotations == [str(tmp_path / "a" / "ann.json"), os.path.expanduser("~/b.json")]
+    assert config.data.val_images == str(elsewhere / "val" / "images")        # an override: the current folder
+    assert config.data.val_annotations == "/v.json"
+    # what the run writes stays relative to where it runs
+    assert (config.train.output_dir, config.data.synthetic_dir) == ("outputs/x", "generated")
+    # a stored (resolved) config reads back unchanged
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.train_images=[a, b]", "data.train_annotations=a.json"],
+     "data.train_images has 2 path(s) but data.train_annotations has 1"),
+    (["data.val_images=[]"], "data.val_images: an empty list"),
+    (["data.format=kitti"], "data.format: 'kitti' is not one of coco, yolo, voc"),
+    (["data.train_images=[a, 3]"], "data.train_images[1]: expected a string"),
+])
+def test_bad_data_lists_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

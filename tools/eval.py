@@ -58,15 +58,20 @@ def main(argv=None):
 
 
 def write_plots(config, output_dir):
-    """Per-class AP bars and PR curves next to eval.json (rank 0, after the evaluation)."""
-    from detr_cuda.data.build import coco_paths, synthetic_paths
+    """Per-class AP bars and PR curves next to eval.json (rank 0, after the evaluation); with several
+    validation sets, next to each one's val<k>/eval.json."""
+    from detr_cuda.data.build import data_sources, synthetic_paths
+    from detr_cuda.data.coco import coco_from_dict, read_annotations
     from detr_cuda.inference.eval_plots import write_eval_plots
     if config.data.dataset == "synthetic":
-        annotations = synthetic_paths(config.data, "val")[1]
+        sources, annotation_format = [synthetic_paths(config.data, "val")], "coco"
     else:
-        annotations = coco_paths(config.data, "val")[1]
-    for path in write_eval_plots(os.path.join(output_dir, "eval.json"), coco_gt=annotations):
-        print(f"wrote {path}")
+        sources, annotation_format = data_sources(config.data, "val"), config.data.format
+    for index, (images, annotations) in enumerate(sources):
+        folder = output_dir if len(sources) == 1 else os.path.join(output_dir, f"val{index}")
+        ground_truth = coco_from_dict(read_annotations(annotations, images, annotation_format, "skip"))
+        for path in write_eval_plots(os.path.join(folder, "eval.json"), coco_gt=ground_truth):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ for portrait images give --height/--width (--height 1333 --width 1333 holds both
   kept, so with the compiled extension it calls torch.ops.detr_cuda.ms_deform_attn_forward
   (import detr_cuda.ops before running it). Batch size, H and W fixed.
 Official Deformable DETR checkpoints need --config.
+
+export.json: the canvas, the category map (model label -> dataset category id and name) and the
+preprocessing a deployment must repeat (resize rule, RGB / 255, ImageNet mean and std, padding).
 """
 import argparse
 import json
@@ -61,7 +64,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from detr_cuda.inference import Detector
+    from detr_cuda import Detector
+    from detr_cuda.data.transforms import describe_preprocessing
     from detr_cuda.inference import export as exporting
     try:
         detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides)
@@ -73,7 +77,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     model = detector.model
     images, padding_mask = exporting.example_inputs(args.batch_size, height, width, detector.device, seed=1)
-    summary = {"height": height, "width": width, "category_map": detector.category_map.to_dict()}
+    summary = {"height": height, "width": width, "category_map": detector.category_map.to_dict(),
+               "preprocessing": describe_preprocessing(detector.config.data, (height, width))}
     if args.format in ("onnx", "all"):
         path = os.path.join(args.output_dir, "model.onnx")
         try:

@@ -12,9 +12,16 @@
 OUTPUT_DIR/images/ (boxes scoring >= --score-threshold with class names and scores).
 file_name: the path relative to the folder holding all inputs (the bare name for one input
 folder; dupA/x.jpg and dupB/x.jpg for two). Pictures keep bare names, made unique on a clash.
-Image ids: the file name's number when all are numbers (COCO names), else 1..N.
+Image ids: the file name's number when the names of all files that were read are numbers (COCO
+names; a skipped file does not renumber the others), else 1..N.
 Files that cannot be read or processed are reported by path with their error and skipped;
-results.json holds the others.
+results.json holds the others. The last lines say how many boxes scored >= --score-threshold and,
+for pictures with none, the best score there was.
+
+The same in Python (the API this tool is built on):
+
+    detector = detr_cuda.Detector.from_checkpoint("outputs/run/checkpoint_best.pth")
+    detector.predict(["a.jpg", "b.jpg"], score_threshold=0.5)   # per image: boxes, scores, labels, names
 """
 import argparse
 import os
@@ -58,7 +65,8 @@ def split_overrides(inputs, overrides):
 def main(argv=None):
     args = parse_args(argv)
     args.input, args.overrides = split_overrides(args.input, args.overrides)
-    from detr_cuda.inference import Detector, list_images, run_inference
+    from detr_cuda import Detector
+    from detr_cuda.inference import list_images, run_inference
     try:
         paths = list_images(args.input)
         detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides,
@@ -75,12 +83,27 @@ def main(argv=None):
     print(f"{done} image(s) processed, {len(report['results'])} detections -> "
           f"{os.path.join(args.output_dir, 'results.json')}"
           + (f", pictures in {os.path.join(args.output_dir, 'images')}" if not args.no_draw else ""), file=sys.stderr)
+    report_scores(report, args.score_threshold)
     if report["skipped"]:
         print(f"{len(report['skipped'])} file(s) skipped (unreadable, or failed in resizing or the model):",
               file=sys.stderr)
         for path, reason in report["skipped"]:
             print(f"  {path}: {reason}", file=sys.stderr)
     return 0 if done else 1
+
+
+def report_scores(report, score_threshold, shown=10):
+    """Says how many boxes scored >= the threshold and, for the pictures with none, the best score
+    they had (a weak model or a high threshold otherwise just leaves the pictures blank)."""
+    print(f"{report['boxes_above_threshold']} detection(s) scored >= {score_threshold:g} (--score-threshold)",
+          file=sys.stderr)
+    empty = report["empty"]
+    if not empty:
+        return
+    best = [f"{os.path.basename(path)} {'-' if score is None else f'{score:.3f}'}" for path, score in empty[:shown]]
+    more = f", ... ({len(empty)} in all)" if len(empty) > shown else ""
+    print(f"{len(empty)} image(s) with no detection >= {score_threshold:g}; their best scores: {', '.join(best)}{more}. "
+          "Lower --score-threshold to see weaker detections.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detr_cuda.config import (ConfigError, apply_override, check_config, config_from_dict, load_config,  # noqa: E402
-                              parse_override)
+from detr_cuda.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -49,9 +48,7 @@ def resolve_config(args):
         checkpoint = load_training_checkpoint(args.resume)
         config = config_from_dict(checkpoint["config"])
         config.train.output_dir = os.path.dirname(os.path.abspath(args.resume))
-        for text in args.overrides:
-            apply_override(config, *parse_override(text))
-        return check_config(config)
+        return load_config(None, args.overrides, base=config)
     if args.config is None:
         raise ConfigError("--config is required (or --resume PATH, which reuses the checkpoint's config)")
     return load_config(args.config, args.overrides)

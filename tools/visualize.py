@@ -4,7 +4,8 @@
 Ground truth and predictions side by side for images of a COCO-format dataset:
 
     python tools/visualize.py compare --checkpoint CKPT --images val2017/ \\
-        --annotations instances_val2017.json --output-dir vis/ [--num-images 8 | --image-ids 139 285]
+        --annotations instances_val2017.json --output-dir vis/ [--num-images 8 | --image-ids 139 285] \\
+        [--image-format png]
 
 Sampling points of the deformable cross-attention of the last decoder layer for one query
 (one colour per feature level, dot size by attention weight; default query: the one with the
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     compare.add_argument("--num-images", type=int, default=8)
     compare.add_argument("--image-ids", type=int, nargs="+", help="these image ids instead of the first N")
     compare.add_argument("--score-threshold", type=float, default=0.3)
+    compare.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="pictures' format")
     attention = modes.add_parser("attention", parents=[common], help="sampling points of one decoder query")
     attention.add_argument("--image", required=True, help="image file")
     attention.add_argument("--query", type=int, help="query index (default: the best-scoring one)")
@@ -55,7 +57,8 @@ def main(argv=None):
         detector = Detector.from_checkpoint(args.checkpoint, args.config, args.device, args.overrides)
         if args.mode == "compare":
             written = write_ground_truth_vs_predictions(detector, args.images, args.annotations, args.output_dir,
-                                                        args.num_images, args.image_ids, args.score_threshold)
+                                                        args.num_images, args.image_ids, args.score_threshold,
+                                                        args.image_format)
             print(f"wrote {len(written)} picture(s) to {args.output_dir}", file=sys.stderr)
             return 0
         try:

@@ -1,4 +1,5 @@
-"""COCO-format detection dataset: an image folder and an instances JSON, read through pycocotools.
+"""COCO-format detection dataset: an image folder and an instances JSON (or YOLO labels / VOC XML,
+read into the same form: :func:`read_annotations`), indexed through pycocotools.
 
 Category ids may be sparse (COCO uses 1..90 with gaps): they are sorted and
 mapped to contiguous labels 0..K-1. ``label_to_category_id`` and
@@ -31,6 +32,8 @@ from pycocotools.coco import COCO
 from ..categories import CategoryMap
 from ..util import dist
 from .validate import AnnotationFileError, DatasetValidationError, apply_policy, validate_coco_dict
+from .voc import read_voc
+from .yolo import read_yolo
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,20 @@ def load_instances_json(annotation_file):
         raise AnnotationFileError(f"{annotation_file}: not a COCO instances file (needs 'images' and 'categories')")
     coco_dict.setdefault("annotations", [])
     return coco_dict
+
+
+def read_annotations(annotation_source, image_dir, annotation_format="coco", invalid_annotations="fail"):
+    """The COCO instances dict of a data set whose annotations are in ``annotation_format``:
+    "coco" (``annotation_source`` is the instances JSON), "yolo" (its data.yaml or names file; the
+    labels beside ``image_dir``, see data/yolo.py) or "voc" (its Annotations folder or split list,
+    see data/voc.py)."""
+    if annotation_format == "coco":
+        return load_instances_json(annotation_source)
+    if annotation_format == "yolo":
+        return read_yolo(image_dir, annotation_source, invalid_annotations)
+    if annotation_format == "voc":
+        return read_voc(annotation_source, image_dir)
+    raise ValueError(f"unknown annotation format {annotation_format!r} (coco, yolo or voc)")
 
 
 def coco_from_dict(coco_dict):
@@ -83,7 +100,23 @@ def to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class LabelledDataset(torch.utils.data.Dataset):
+    """A data set whose ``categories`` (CategoryMap) say what its labels 0..K-1 are."""
+
+    @property
+    def num_classes(self):
+        return self.categories.num_labels
+
+    @property
+    def label_to_category_id(self):
+        return self.categories.label_to_category_id
+
+    @property
+    def class_names(self):
+        return self.categories.class_names
+
+
+class CocoDetection(LabelledDataset):
     """``dataset[i]`` -> (image, target).
 
     image: (3, H, W) float normalised tensor after ``transforms`` (a PIL RGB
@@ -103,8 +136,10 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir, annotation_file, transforms=None, invalid_annotations="fail",
-                 check_images="header", cache_images=False, share_validation=False, substitute_unreadable=False):
-        """``share_validation``: under torch.distributed, rank 0 alone runs the validation (the file
+                 check_images="header", cache_images=False, share_validation=False, substitute_unreadable=False,
+                 annotation_format="coco"):
+        """``annotation_file``: the annotations in ``annotation_format`` (:func:`read_annotations`).
+        ``share_validation``: under torch.distributed, rank 0 alone runs the validation (the file
         checks cost I/O) and broadcasts its report; every rank must then build the dataset.
         ``substitute_unreadable``: an image that fails to decode is replaced by the next readable
         entry (with a warning naming it, once per process, and ``target["substitute_for"]`` set),
@@ -115,8 +150,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file = annotation_file
         self.transforms = transforms
         self.substitute_unreadable = substitute_unreadable
+        self.annotation_format = annotation_format
         self._warned_unreadable = set()
-        raw = load_instances_json(annotation_file)
+        raw = read_annotations(annotation_file, image_dir, annotation_format, invalid_annotations)
         check_categories(raw, annotation_file)
         if share_validation and dist.is_dist():
             report = validate_coco_dict(raw, image_dir, check_images, source=annotation_file) \
@@ -161,21 +197,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self._cache = self._read_all_images() if cache_images else None
 
     # ----------------------------------------------------------------------------------------------
-    @property
-    def num_classes(self):
-        return self.categories.num_labels
-
-    @property
-    def label_to_category_id(self):
-        return self.categories.label_to_category_id
-
-    @property
-    def class_names(self):
-        return self.categories.class_names
-
     def load_coco_gt(self):
         """pycocotools ground truth (crowd regions included) with the same entries dropped as for training."""
-        raw = load_instances_json(self.annotation_file)
+        raw = read_annotations(self.annotation_file, self.image_dir, self.annotation_format, "skip")
         if not self.report.ok:  # the dataset was built with policy "skip", else it would have raised
             raw = apply_policy(raw, self.report, "skip", log=False)
         return coco_from_dict(raw)

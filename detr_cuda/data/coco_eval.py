@@ -183,6 +183,28 @@ class CocoEvaluator:
         return dist.broadcast_object(result)
 
 
+def combine_results(results):
+    """One result over several data sets' :func:`evaluate_coco` results: "metrics" and "coco_stats"
+    are the means over the data sets (each weighs the same; a stat a data set has no ground truth for,
+    -1, is left out of its mean, and stays -1 when no data set has it), "num_images" and
+    "num_detections" the sums, "datasets" the results themselves (without their pycocotools table)."""
+    stats = []
+    for column in zip(*(result["coco_stats"] for result in results)):
+        known = [value for value in column if value > -1]
+        stats.append(float(np.mean(known)) if known else -1.0)
+    return {"metrics": dict(zip(STAT_NAMES, stats)), "coco_stats": stats,
+            "num_images": sum(r["num_images"] for r in results),
+            "num_detections": sum(r["num_detections"] for r in results),
+            "datasets": [{k: v for k, v in r.items() if k != "summary"} for r in results]}
+
+
+def write_combined_eval(output_dir, combined):
+    """eval.json of several data sets (:func:`combine_results`); their own files are in val<k>/."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval.json"), "w") as handle:
+        json.dump(combined, handle, indent=1)
+
+
 def write_eval_files(output_dir, result, coco_results):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval.json"), "w") as handle:

@@ -13,9 +13,10 @@ noise; about 8 % of the images have no object. Image i depends only on
 deterministic; a folder that already holds the same spec is left alone.
 
 Layout: ``out_dir/images/000001.jpg ...``, ``out_dir/annotations.json``,
-``out_dir/spec.json``. Command line::
+``out_dir/spec.json``; :func:`write_layout` also writes it as YOLO labels or VOC XML. Command line::
 
     python -m detr_cuda.data.synthetic --out data_generated/synthetic/train --num-images 256
+    python -m detr_cuda.data.synthetic --out data_generated/shapes_yolo --layout yolo --split val
 """
 import argparse
 import json
@@ -168,6 +169,69 @@ def generate_synthetic_coco(out_dir, num_images, image_size=256, seed=0, image_f
     return dict(paths, generated=True)
 
 
+def write_layout(coco_dir, out_dir, layout, split):
+    """Writes the generated set in ``coco_dir`` (images/, annotations.json) into ``out_dir`` in another
+    ``layout``, to try data.format=yolo / voc and tools/convert_dataset.py on:
+
+    - "yolo": images/<split>/, labels/<split>/*.txt (class cx cy w h fractions; class k = the k-th of
+      circle, square, triangle, cross) and data.yaml (names);
+    - "voc": JPEGImages/<split>_<name>, Annotations/<split>_<stem>.xml (1-based inclusive pixels),
+      ImageSets/Main/<split>.txt.
+
+    Returns the (image folder, annotation source) to train on.
+    """
+    with open(os.path.join(coco_dir, "annotations.json")) as handle:
+        coco_dict = json.load(handle)
+    index_of = {category["id"]: index for index, category in enumerate(coco_dict["categories"])}
+    names = [category["name"] for category in coco_dict["categories"]]
+    boxes = {image["id"]: [] for image in coco_dict["images"]}
+    for annotation in coco_dict["annotations"]:
+        boxes[annotation["image_id"]].append((annotation["category_id"], annotation["bbox"]))
+    if layout == "yolo":
+        return _write_yolo(coco_dir, out_dir, split, coco_dict["images"], boxes, index_of, names)
+    return _write_voc(coco_dir, out_dir, split, coco_dict["images"], boxes, names)
+
+
+def _write_yolo(coco_dir, out_dir, split, images, boxes, index_of, names):
+    image_dir, label_dir = os.path.join(out_dir, "images", split), os.path.join(out_dir, "labels", split)
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(label_dir, exist_ok=True)
+    for image in images:
+        shutil.copy(os.path.join(coco_dir, "images", image["file_name"]), image_dir)
+        width, height = image["width"], image["height"]
+        lines = [f"{index_of[c]} {(x + w / 2) / width:.6f} {(y + h / 2) / height:.6f} "
+                 f"{w / width:.6f} {h / height:.6f}\n" for c, (x, y, w, h) in boxes[image["id"]]]
+        with open(os.path.join(label_dir, os.path.splitext(image["file_name"])[0] + ".txt"), "w") as handle:
+            handle.writelines(lines)
+    with open(os.path.join(out_dir, "data.yaml"), "w") as handle:
+        handle.write("names: [" + ", ".join(names) + "]\n")
+    return image_dir, os.path.join(out_dir, "data.yaml")
+
+
+def _write_voc(coco_dir, out_dir, split, images, boxes, names):
+    folders = {name: os.path.join(out_dir, name) for name in ("JPEGImages", "Annotations", "ImageSets/Main")}
+    for folder in folders.values():
+        os.makedirs(folder, exist_ok=True)
+    name_of = {category_id: name for (category_id, name, _), name in zip(CATEGORIES, names)}
+    stems = []
+    for image in images:
+        stem = f"{split}_{os.path.splitext(image['file_name'])[0]}"
+        file_name = stem + os.path.splitext(image["file_name"])[1]
+        shutil.copy(os.path.join(coco_dir, "images", image["file_name"]),
+                    os.path.join(folders["JPEGImages"], file_name))
+        objects = "".join(f"<object><name>{name_of[c]}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin>"
+                          f"<ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object>"
+                          for c, (x, y, w, h) in boxes[image["id"]])
+        with open(os.path.join(folders["Annotations"], stem + ".xml"), "w") as handle:
+            handle.write(f"<annotation><filename>{file_name}</filename><size><width>{image['width']}</width>"
+                         f"<height>{image['height']}</height><depth>3</depth></size>{objects}</annotation>\n")
+        stems.append(stem)
+    split_list = os.path.join(folders["ImageSets/Main"], f"{split}.txt")
+    with open(split_list, "w") as handle:
+        handle.write("".join(stem + "\n" for stem in stems))
+    return folders["JPEGImages"], split_list
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
@@ -175,10 +239,18 @@ def main(argv=None):
     parser.add_argument("--image-size", "--image_size", type=int, default=256, help="longest possible side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    parser.add_argument("--layout", choices=("coco", "yolo", "voc"), default="coco",
+                        help="yolo / voc: also written in that layout into --out (see write_layout)")
+    parser.add_argument("--split", choices=("train", "val"), default="train",
+                        help="the split a yolo / voc layout holds")
     args = parser.parse_args(argv)
-    result = generate_synthetic_coco(args.out, args.num_images, args.image_size, args.seed, args.format)
+    coco_dir = args.out if args.layout == "coco" else os.path.join(args.out, f"coco_{args.split}")
+    result = generate_synthetic_coco(coco_dir, args.num_images, args.image_size, args.seed, args.format)
     state = "generated" if result["generated"] else "already present (same spec)"
     print(f"{state}: {result['images']} and {result['annotations']}")
+    if args.layout != "coco":
+        images, annotations = write_layout(coco_dir, args.out, args.layout, args.split)
+        print(f"{args.layout} layout: {images} and {annotations}")
 
 
 if __name__ == "__main__":

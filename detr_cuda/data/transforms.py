@@ -251,3 +251,29 @@ def build_transforms(data_cfg, train):
         steps.append(multi_scale)
     steps.append(ToTensorNormalize())
     return Compose(steps)
+
+
+def describe_preprocessing(data_cfg, canvas=None):
+    """What evaluation does to an image before the model sees it, as plain values for a deployment
+    (export.json): the resize rule, the normalisation, and, for a fixed-size exported graph,
+    ``canvas`` (height, width) into which the resized image is padded."""
+    description = {
+        "color": "RGB, pixel values / 255 (a camera's EXIF orientation applied by tools/infer.py, "
+                 "not by training or evaluation)",
+        "resize": {"short_side": data_cfg.val_short_side, "max_size": data_cfg.val_max_size,
+                   "interpolation": "bilinear",
+                   "rule": "shorter side to short_side unless the longer side would then exceed max_size; "
+                           "then the longer side to max_size (short side round(max_size * short / long), "
+                           "long side truncated); detr_cuda.data.transforms.resized_size"},
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "formula": "(x - mean) / std"},
+        "layout": "images (B, 3, H, W) float32",
+    }
+    if canvas is not None:
+        description["canvas"] = {
+            "height": canvas[0], "width": canvas[1],
+            "padding": "the resized image at the top left, zeros to the bottom and right; padding_mask (B, H, W) "
+                       "bool is True on padded pixels",
+            "outputs": "pred_logits (B, Q, K): sigmoid gives scores; pred_boxes (B, Q, 4): cx, cy, w, h as "
+                       "fractions of the resized image (not the canvas): multiply by the original width and height"}
+    return description
+

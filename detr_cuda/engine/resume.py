@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt_io
+from .. import config as config_module
 from ..util import dist
 
 HARMLESS = ("train.epochs", "train.max_steps", "train.log_interval", "train.eval_every", "train.checkpoint_every",
@@ -80,10 +81,36 @@ def config_changes(saved, current):
     return harmless, effective, fixed
 
 
+def comparable(values):
+    """A config dict as a resume compares it: every field present (defaults for fields added since
+    the run started) and, for data.dataset "coco", the data sets as the absolute paths they name
+    (``data.train_sources``, ``data.val_sources``: [[images, annotations], ...]) instead of
+    data.root and the four path fields, so naming the same files another way (data.root, or
+    relative paths, which runs made before paths were resolved took from the current folder) is
+    no change."""
+    from ..data.build import configured_paths
+    config = config_module.config_from_dict(values)
+    flat = config_module.config_to_dict(config)
+    if config.data.dataset != "coco":
+        return flat
+    for split in ("train", "val"):
+        try:
+            columns = configured_paths(config.data, split)
+        except ValueError:  # the split is not configured: compared as the fields are
+            continue
+        images, annotations = ([os.path.abspath(p) for p in (value if isinstance(value, list) else [value])]
+                               for _, value in columns.values())
+        flat["data"][f"{split}_sources"] = [list(pair) for pair in zip(images, annotations)]
+        del flat["data"][f"{split}_images"], flat["data"][f"{split}_annotations"]
+    flat["data"]["root"] = None
+    return flat
+
+
 def check_config_change(saved, current, path, allow_config_change):
     """Raises ResumeConfigMismatch for a change the resumed run cannot take; returns the lines of
-    the changes that take effect (to be printed)."""
-    _, effective, fixed = config_changes(saved, current)
+    the changes that take effect (to be printed). ``saved``, ``current``: config dicts (compared in
+    their :func:`comparable` form)."""
+    _, effective, fixed = config_changes(comparable(saved), comparable(current))
     if fixed:
         raise ResumeConfigMismatch(
             f"--resume {path}: these fields cannot change in the middle of a run:\n  " + "\n  ".join(fixed)

@@ -100,19 +100,20 @@ class RunSetUp:
 
     def _build_data(self):
         from ..data import build_dataset
+        from ..data.build import has_split
         log = self.logger.info
         self.train_dataset = build_dataset(self.cfg, "train")
         log(self.train_dataset.summary())
         self.val_dataset = None
-        no_val_paths = self.cfg.data.dataset == "coco" and not self.cfg.data.val_images \
-            and not self.cfg.data.val_annotations
         if self.cfg.train.eval_every < 0:
             log("train.eval_every=-1: no evaluation in this run")
-        elif no_val_paths:
+        elif not has_split(self.cfg.data, "val"):
             log("no validation set (data.val_images / data.val_annotations unset): no evaluation in this run")
         else:
             self.val_dataset = build_dataset(self.cfg, "val")
             log(self.val_dataset.summary())
+        # What the model's class rows mean (several training sets: their categories merged by name); stored
+        # in every checkpoint, and evaluation scores each validation set's categories through it by name.
         self.categories = self.train_dataset.categories
 
     def _build_model(self, weights, fresh):
@@ -150,10 +151,17 @@ class RunSetUp:
         """The model DistributedDataParallel-wrapped for a multi-process run (itself otherwise)."""
         if self.world_size == 1:
             return self.model
-        # Variants (two-stage, DN) may leave some parameters out of a step's graph.
+        # find_unused_parameters=False in every variant: each step's loss reaches every trainable
+        # parameter (tests/engine/test_unused_parameters.py checks each variant, with and without
+        # objects). Two-stage: the proposal heads and the encoder output layers feed the encoder loss
+        # and the query selection; nothing of the single-stage path (reference_points, query_embed)
+        # is built there. DN: a batch without objects has no DN query, so the DN label book
+        # (label_enc) joins the graph through a zero-weighted term (models/anchor_detr.py).
+        # Zero-weighted losses stay in the graph too (engine/trainer.py weighted_total).
+        # With True, DDP searches the graph on every step and warns that it found nothing.
         return torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            find_unused_parameters=False)
 
     def _build_optimisation(self):
         train_cfg = self.cfg.train

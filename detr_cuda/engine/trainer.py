@@ -245,7 +245,7 @@ class Trainer(RunSetUp):
         """COCO evaluation of the EMA weights (or the weights) after ``epoch``; logged and returned."""
         eval_model = self.ema.module if self.ema is not None else self.model
         metrics = evaluate(eval_model, self.postprocessor, self.val_loader, self.val_dataset, self.device,
-                           self.cfg, self.output_dir, log=self.logger.info)
+                           self.cfg, self.output_dir, log=self.logger.info, categories=self.categories)
         headline = scalar_metrics(metrics)
         self.logger.record("eval", {"epoch": epoch, "iteration": self.state.step, "ema": self.ema is not None,
                                     **headline})

@@ -10,6 +10,7 @@ The number of classes is read from the class head in the file, so a config does 
 ``model.num_classes`` set to load a checkpoint.
 """
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from PIL import Image, ImageOps
 
 from .. import checkpoint as ckpt_io
 from ..categories import CategoryMap
-from ..config import ConfigError, apply_override, check_config, config_from_dict, load_config, parse_override
+from ..api import resolve_config
+from ..config import ConfigError
 from ..data.coco import to_rgb
 from ..data.loader import collate_fn
 from ..data.transforms import build_transforms
@@ -46,7 +48,9 @@ def as_pil_image(image):
             raise ValueError(f"a numpy image must be uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got "
                              f"{image.dtype} {image.shape}")
         return to_rgb(Image.fromarray(image))
-    return read_image(image)
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    raise TypeError(f"an image must be a PIL image, a uint8 numpy array or a path, got {type(image).__name__}")
 
 
 @dataclasses.dataclass
@@ -63,24 +67,18 @@ class Detector:
         """The detector stored in ``path`` (ours or official) on ``device`` (None / "auto": cuda when
         available, else cpu).
 
-        config: a YAML file (required for the official files, which hold none; ours hold theirs);
-        ``overrides`` ("section.field=value") apply on top. Category map: ``annotations`` (an
+        config: a YAML file or a Config (required for the official files, which hold none; ours hold
+        theirs); ``overrides`` ("section.field=value") apply on top. Category map: ``annotations`` (an
         instances JSON) when given, else the checkpoint's, else the official COCO map for a 91-row
         head. Weights that do not make the whole model raise WeightsMismatch naming what is missing.
         """
         checkpoint = ckpt_io.load_file(path)
         state, _ = ckpt_io.model_state(checkpoint, prefer_ema)
         stored_config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-        if config is not None:
-            cfg = load_config(config)
-        elif isinstance(stored_config, dict):
-            cfg = config_from_dict(stored_config)
-        else:
+        if config is None and not isinstance(stored_config, dict):
             raise ConfigError(f"{path} holds no config (an official Deformable DETR checkpoint?); pass the "
                               "matching config file (--config configs/....yaml)")
-        for text in overrides:
-            apply_override(cfg, *parse_override(text))
-        check_config(cfg)
+        cfg = resolve_config(stored_config if config is None else config, overrides)
         cfg.model.backbone_weights = None  # every weight comes from the checkpoint
         num_classes = ckpt_io.class_rows(state)
         if num_classes is None:

@@ -1,19 +1,55 @@
 """Pictures drawn with PIL's ImageDraw: detection boxes with names and scores, two images side by
 side, and deformable-attention sampling points."""
-import colorsys
+import functools
+import itertools
+import zlib
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..categories import normalise_name
 
 # One colour per feature level (strides 8, 16, 32, 64): red, green, blue, yellow, then more.
 LEVEL_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240))
+PALETTE_SIZE = 80
+
+
+@functools.lru_cache(maxsize=1)
+def class_palette():
+    """PALETTE_SIZE RGB colours, each as far as possible from the ones before it (greedy
+    farthest-point picks over the saturated colours of a 6-level RGB grid, starting at red): any two
+    differ by at least one grid step (51 in each channel's units) and the first ten by far more, so
+    the classes of a small map look nothing alike."""
+    levels = range(0, 256, 51)
+    candidates = np.array([c for c in itertools.product(levels, repeat=3) if max(c) - min(c) >= 100], dtype=float)
+    chosen = [int(np.flatnonzero((candidates == (255, 0, 0)).all(1))[0])]
+    nearest = np.linalg.norm(candidates - candidates[chosen[0]], axis=1)
+    while len(chosen) < PALETTE_SIZE:
+        pick = int(nearest.argmax())  # first of the farthest: deterministic
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(candidates - candidates[pick], axis=1))
+    return tuple(tuple(int(v) for v in candidates[i]) for i in chosen)
 
 
 def colour_for(key):
-    """A bright colour that depends only on ``key`` (a class name or id): golden-ratio hue steps."""
-    index = key if isinstance(key, int) else sum(ord(c) * 31 ** i for i, c in enumerate(str(key)))
-    hue = (index * 0.618033988749895) % 1.0
-    red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
-    return int(red * 255), int(green * 255), int(blue * 255)
+    """The palette colour of ``key``: an int (a class's position in its category map: classes
+    0..79 all differ) or a name (hashed into the palette: stable, but two names may share one)."""
+    index = key if isinstance(key, int) else zlib.crc32(str(key).encode("utf-8"))
+    palette = class_palette()
+    return palette[index % len(palette)]
+
+
+def shared_colour_indices(model_names, dataset_names=()):
+    """{name: palette index} for both maps: the model's classes by position, a dataset name that is
+    also a model class (compared as :func:`normalise_name` does) takes that class's colour, the
+    others the next free indices. So a class has one colour on both sides of a comparison."""
+    indices = {}
+    for name in model_names:
+        indices.setdefault(normalise_name(name), len(indices))
+    colours = {name: indices[normalise_name(name)] for name in model_names}
+    for name in dataset_names:
+        colours[name] = indices.setdefault(normalise_name(name), len(indices))
+    return colours
 
 
 def _font(image):
@@ -24,28 +60,31 @@ def _font(image):
         return ImageFont.load_default()
 
 
-def _label(draw, xy, text, colour, font, image_size):
-    """Text on a filled box whose top-left is ``xy``, kept inside the image."""
+def _label(draw, xy, text, colour, font, image_size, above=True):
+    """Text on a filled box at ``xy``, kept inside the image: above ``xy`` (a box's label, when there
+    is room) or, with ``above`` False, with its top-left at ``xy``."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     width, height = right - left + 4, bottom - top + 4
     x = min(max(0, xy[0]), max(0, image_size[0] - width))
-    y = xy[1] - height if xy[1] - height >= 0 else xy[1]
+    y = xy[1] - height if above and xy[1] - height >= 0 else xy[1]
     y = min(max(0, y), max(0, image_size[1] - height))
     draw.rectangle([x, y, x + width, y + height], fill=colour)
     draw.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0) if sum(colour) > 450 else (255, 255, 255), font=font)
 
 
-def draw_detections(image, boxes, names, scores=None, width=None):
+def draw_detections(image, boxes, names, scores=None, width=None, colour_keys=None):
     """Copy of the RGB ``image`` with boxes (k, 4) absolute xyxy (tensor or list), their ``names``
-    (k strings, coloured by name) and ``scores`` (k,) or None (ground truth: names only)."""
+    (k strings) and ``scores`` (k,) or None (ground truth: names only). ``colour_keys``: k class
+    indices for :func:`colour_for` (default: the names, hashed)."""
     picture = image.convert("RGB")
     draw = ImageDraw.Draw(picture)
     font = _font(picture)
     line = width or max(2, min(picture.size) // 200)
     boxes = boxes.tolist() if hasattr(boxes, "tolist") else list(boxes)
     scores = scores.tolist() if hasattr(scores, "tolist") else scores
+    colour_keys = list(names) if colour_keys is None else list(colour_keys)
     for index, (box, name) in enumerate(zip(boxes, names)):
-        colour = colour_for(name)
+        colour = colour_for(colour_keys[index])
         draw.rectangle([box[0], box[1], box[2], box[3]], outline=colour, width=line)
         text = name if scores is None else f"{name} {scores[index]:.2f}"
         _label(draw, (box[0], box[1]), text, colour, font, picture.size)
@@ -75,6 +114,7 @@ def draw_sampling_points(image, points_per_level, weights_per_level=None, refere
     weights_per_level: matching (N_l,) attention weights or None; a point's radius grows
     with its weight. One colour per level (LEVEL_COLOURS). reference_point: (x, y) pixels,
     drawn as a white cross; box: xyxy drawn in white. Points outside the image are not drawn.
+    The title and the level legend go in a band below the image (:func:`with_legend_band`).
     """
     picture = image.convert("RGB")
     draw = ImageDraw.Draw(picture)
@@ -96,12 +136,37 @@ def draw_sampling_points(image, points_per_level, weights_per_level=None, refere
         for colour, width in (((0, 0, 0), max(3, int(base))), ((255, 255, 255), max(1, int(base / 2)))):
             draw.line([x - arm, y, x + arm, y], fill=colour, width=width)
             draw.line([x, y - arm, x, y + arm], fill=colour, width=width)
+    return with_legend_band(picture, title, [(f"level {level}", LEVEL_COLOURS[level % len(LEVEL_COLOURS)])
+                                             for level in range(len(points_per_level))])
+
+
+def with_legend_band(picture, title, entries, margin=4):
+    """``picture`` on a canvas with a white band below it holding ``title`` (word-wrapped) and the
+    (text, colour) ``entries`` as chips, wrapped to the picture's width. The band never covers the
+    picture, however small it is; pixel (x, y) of the picture stays at (x, y)."""
     font = _font(picture)
-    line_height = font.getbbox("Ag")[3] + 6
-    if title:
-        _label(draw, (4, line_height), title, (255, 255, 255), font, picture.size)
-    for level in range(len(points_per_level)):
-        # _label puts the text above its anchor when there is room: anchor one line further down.
-        _label(draw, (4, (level + 2 + bool(title)) * line_height), f"level {level}",
-               LEVEL_COLOURS[level % len(LEVEL_COLOURS)], font, picture.size)
-    return picture
+    text_width = lambda text: font.getbbox(text)[2] - font.getbbox(text)[0]  # noqa: E731
+    top, bottom = font.getbbox("Ag")[1], font.getbbox("Ag")[3]
+    line_height = bottom - top + 4 + margin
+    lines = []
+    for word in (title or "").split():
+        if lines and text_width(lines[-1] + " " + word) <= picture.width - 2 * margin:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    chips, x, row = [], margin, len(lines)
+    for text, colour in entries:
+        width = text_width(text) + 4
+        if x > margin and x + width > picture.width - margin:
+            x, row = margin, row + 1
+        chips.append((x, row, text, colour))
+        x += width + margin
+    rows = row + 1 if entries else len(lines)
+    canvas = Image.new("RGB", (picture.width, picture.height + rows * line_height + margin), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((margin, picture.height + margin + row * line_height + 2 - top), line, fill=(0, 0, 0), font=font)
+    for x, row, text, colour in chips:
+        _label(draw, (x, picture.height + margin + row * line_height), text, colour, font, canvas.size, above=False)
+    return canvas

@@ -6,10 +6,9 @@ import os
 import sys
 import time
 
+from ..data.folders import image_ids_from_names, list_image_files
 from .detector import read_image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
+from .drawing import draw_detections, shared_colour_indices
 
 def list_images(inputs):
     """Image paths from files, folders (their image files, sorted, not recursive) and glob patterns.
@@ -22,8 +21,7 @@ def list_images(inputs):
     paths = []
     for item in map(str, inputs):
         if os.path.isdir(item):
-            paths.extend(sorted(os.path.join(item, name) for name in os.listdir(item)
-                                if name.lower().endswith(IMAGE_EXTENSIONS)))
+            paths.extend(os.path.join(item, name) for name in list_image_files(item))
         elif os.path.isfile(item):
             paths.append(item)
         elif glob.has_magic(item):
@@ -65,34 +63,14 @@ class Progress:
         self.stream.flush()
 
 
-def to_coco_results(image_id, detection, category_map, score_threshold=0.0, file_name=None):
-    """One image's detections -> COCO results entries (bbox xywh, dataset category id and name).
-
-    Detections whose label names no category are dropped.
-    """
-    entries = []
-    for score, label, box in zip(detection["scores"].tolist(), detection["labels"].tolist(),
-                                 detection["boxes"].tolist()):
-        category_id = category_map.label_to_category_id[label]
-        if category_id is None or score < score_threshold:
-            continue
-        entry = {"image_id": image_id, "category_id": category_id,
-                 "category_name": category_map.class_names[label],
-                 "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-                 "score": round(score, 5)}
-        if file_name is not None:
-            entry["file_name"] = file_name
-        entries.append(entry)
-    return entries
-
-
-def assign_image_ids(paths):
-    """{path: image id}: the file name's number when every stem is a distinct integer (COCO's
-    000000000009.jpg -> 9), else 1..N in order."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
-        return {p: int(s) for p, s in zip(paths, stems)}
-    return {p: i + 1 for i, p in enumerate(paths)}
+def to_coco_results(image_id, named, file_name):
+    """One image's :meth:`Detector.named` detections -> COCO results entries (bbox xywh pixels,
+    dataset category id and name, file name)."""
+    return [{"image_id": image_id, "category_id": category_id, "category_name": name,
+             "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
+             "score": round(score, 5), "file_name": file_name}
+            for box, score, category_id, name in zip(named["boxes"].tolist(), named["scores"].tolist(),
+                                                     named["labels"].tolist(), named["names"])]
 
 
 def result_file_names(paths):
@@ -126,33 +104,79 @@ def _predict_each_on_failure(detector, tensors, image_sizes):
     return detections
 
 
+def _read_batch(detector, paths, skip):
+    """(paths, PIL images, preprocessed tensors) of the files of ``paths`` that can be read and
+    resized; ``skip(path, what, error)`` is called for the others."""
+    kept_paths, images, tensors = [], [], []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except Exception as error:  # PIL raises many kinds for broken files; report them all
+            skip(path, "unreadable", error)
+            continue
+        try:
+            tensor = detector.preprocess(image)
+        except Exception as error:  # noqa: BLE001 -- one image that cannot be resized loses only itself
+            skip(path, "unprocessable", error)
+            continue
+        kept_paths.append(path)
+        images.append(image)
+        tensors.append(tensor)
+    return kept_paths, images, tensors
+
+
+class PictureWriter:
+    """Writes ``out_dir/images/<name>`` pictures with a detector's boxes: the input's bare name, in
+    ``image_format`` ("png", "jpg" or None: PNG stays PNG, anything else becomes JPEG), made unique
+    when two inputs share a name."""
+
+    def __init__(self, out_dir, category_map, image_format=None):
+        if image_format not in (None, "png", "jpg"):
+            raise ValueError(f"image_format must be None (as the input), 'png' or 'jpg', got {image_format!r}")
+        self.folder = os.path.join(out_dir, "images")
+        os.makedirs(self.folder, exist_ok=True)
+        self.image_format = image_format
+        self.palette = shared_colour_indices(category_map.class_names)
+        self.used_names = set()
+
+    def write(self, path, image, named):
+        stem, extension = os.path.splitext(os.path.basename(path))
+        extension = "." + self.image_format if self.image_format else (
+            ".png" if extension.lower() == ".png" else ".jpg")
+        out_name, copy = stem + extension, 1
+        while out_name in self.used_names:  # same file name in two input folders
+            copy += 1
+            out_name = f"{stem}_{copy}{extension}"
+        self.used_names.add(out_name)
+        picture = draw_detections(image, named["boxes"], named["names"], named["scores"],
+                                  colour_keys=[self.palette[name] for name in named["names"]])
+        out_path = os.path.join(self.folder, out_name)
+        picture.save(out_path, **({"quality": 92} if extension == ".jpg" else {}))
+        return out_path
+
+
 def run_inference(detector, paths, out_dir, batch_size=2, score_threshold=0.3, json_score_threshold=0.0,
                   draw=True, image_format=None, progress=True, log=None):
     """Detects objects in every image of ``paths``; writes ``out_dir/results.json`` (COCO results,
     dataset category ids, plus ``category_name`` and ``file_name``) and, with ``draw``, one picture
     per image in ``out_dir/images/`` with the boxes scoring >= ``score_threshold``.
 
-    ``file_name`` is the path relative to the inputs' common folder (:func:`result_file_names`).
+    ``file_name`` is the path relative to the inputs' common folder (:func:`result_file_names`);
+    image ids come from the names of the files that were read (:func:`image_ids_from_names`).
     A file that cannot be read, resized or run through the model is reported on ``log`` (stderr)
     by path with its error and skipped; results.json holds the others.
-    Returns {"results": [...], "skipped": [(path, reason)], "images": [written picture paths]}.
+    Returns {"results": [...], "skipped": [(path, reason)], "images": [written picture paths],
+    "boxes_above_threshold": boxes scoring >= score_threshold in all images, "empty": [(path, best
+    score or None)] of the images with none}.
     """
-    from .drawing import draw_detections
-
     log = log or sys.stderr
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if image_format not in (None, "png", "jpg"):
-        raise ValueError(f"image_format must be None (as the input), 'png' or 'jpg', got {image_format!r}")
     os.makedirs(out_dir, exist_ok=True)
-    picture_dir = os.path.join(out_dir, "images")
-    if draw:
-        os.makedirs(picture_dir, exist_ok=True)
-    image_ids = assign_image_ids(paths)
+    pictures = PictureWriter(out_dir, detector.category_map, image_format) if draw else None
     file_names = result_file_names(paths)
     meter = Progress(len(paths)) if progress else None
-    results, skipped, written = [], [], []
-    used_names = set()
+    kept, skipped, written, empty, above = {}, [], [], [], 0
 
     def skip(path, what, error):
         reason = f"{type(error).__name__}: {error}"
@@ -162,21 +186,7 @@ def run_inference(detector, paths, out_dir, batch_size=2, score_threshold=0.3, j
             meter.update()
 
     for start in range(0, len(paths), batch_size):
-        batch_paths, batch_images, batch_tensors = [], [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                image = read_image(path)
-            except Exception as error:  # PIL raises many kinds for broken files; report them all
-                skip(path, "unreadable", error)
-                continue
-            try:
-                tensor = detector.preprocess(image)
-            except Exception as error:  # noqa: BLE001 -- one image that cannot be resized loses only itself
-                skip(path, "unprocessable", error)
-                continue
-            batch_paths.append(path)
-            batch_images.append(image)
-            batch_tensors.append(tensor)
+        batch_paths, batch_images, batch_tensors = _read_batch(detector, paths[start:start + batch_size], skip)
         if not batch_images:
             continue
         detections = _predict_each_on_failure(detector, batch_tensors, [image.size for image in batch_images])
@@ -184,28 +194,20 @@ def run_inference(detector, paths, out_dir, batch_size=2, score_threshold=0.3, j
             if isinstance(detection, Exception):
                 skip(path, "failed", detection)
                 continue
-            name = os.path.basename(path)
-            results.extend(to_coco_results(image_ids[path], detection, detector.category_map,
-                                           json_score_threshold, file_name=file_names[path]))
-            if draw:
-                stem, extension = os.path.splitext(name)
-                extension = "." + image_format if image_format else (
-                    ".png" if extension.lower() == ".png" else ".jpg")
-                out_name = stem + extension
-                if out_name in used_names:  # same file name in two input folders
-                    out_name = f"{stem}_{image_ids[path]}{extension}"
-                used_names.add(out_name)
-                keep = detection["scores"] >= score_threshold
-                names = [detector.category_map.class_names[label] for label in detection["labels"][keep].tolist()]
-                picture = draw_detections(image, detection["boxes"][keep], names, detection["scores"][keep])
-                out_path = os.path.join(picture_dir, out_name)
-                if extension == ".jpg":
-                    picture.save(out_path, quality=92)
-                else:
-                    picture.save(out_path)
-                written.append(out_path)
+            kept[path] = detector.named(detection, json_score_threshold)
+            shown = detector.named(detection, score_threshold)
+            above += len(shown["scores"])
+            if not len(shown["scores"]):
+                scores = detector.named(detection)["scores"]
+                empty.append((path, float(scores.max()) if len(scores) else None))
+            if pictures is not None:
+                written.append(pictures.write(path, image, shown))
             if meter:
                 meter.update()
+    image_ids = image_ids_from_names(list(kept))
+    results = [entry for path, named in kept.items()
+               for entry in to_coco_results(image_ids[path], named, file_names[path])]
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump(results, handle)
-    return {"results": results, "skipped": skipped, "images": written}
+    return {"results": results, "skipped": skipped, "images": written, "boxes_above_threshold": above,
+            "empty": empty}

@@ -7,7 +7,7 @@ from ..data.coco import CocoDetection
 from ..data.loader import collate_fn
 from ..util.box_ops import box_cxcywh_to_xyxy
 from .attention import capture_decoder_sampling, query_points_in_image
-from .drawing import draw_detections, draw_sampling_points, side_by_side
+from .drawing import draw_detections, draw_sampling_points, shared_colour_indices, side_by_side
 
 
 def render_ground_truth_vs_predictions(detector, dataset, index, score_threshold=0.3):
@@ -18,19 +18,22 @@ def render_ground_truth_vs_predictions(detector, dataset, index, score_threshold
     """
     image, target = dataset[index]
     gt_names = [dataset.class_names[label] for label in target["labels"].tolist()]
-    left = draw_detections(image, target["boxes"], gt_names)
-    detection = detector.detect([image])[0]
-    keep = detection["scores"] >= score_threshold
-    names = [detector.category_map.class_names[label] for label in detection["labels"][keep].tolist()]
-    right = draw_detections(image, detection["boxes"][keep], names, detection["scores"][keep])
+    colours = shared_colour_indices(detector.category_map.class_names, dataset.class_names)
+    left = draw_detections(image, target["boxes"], gt_names, colour_keys=[colours[n] for n in gt_names])
+    named = detector.named(detector.detect([image])[0], score_threshold)
+    right = draw_detections(image, named["boxes"], named["names"], named["scores"],
+                            colour_keys=[colours[n] for n in named["names"]])
     return side_by_side(left, right, f"ground truth ({len(gt_names)})",
-                        f"predictions >= {score_threshold:g} ({len(names)})")
+                        f"predictions >= {score_threshold:g} ({len(named['names'])})")
 
 
 def write_ground_truth_vs_predictions(detector, image_dir, annotation_file, out_dir, num_images=8,
-                                      image_ids=None, score_threshold=0.3):
-    """Writes ``out_dir/compare_<image id>.jpg`` for the first ``num_images`` images of a COCO-format
-    dataset (or the given ``image_ids``). Returns the written paths."""
+                                      image_ids=None, score_threshold=0.3, image_format="jpg"):
+    """Writes ``out_dir/compare_<image id>.<image_format>`` ("jpg" or "png") for the first
+    ``num_images`` images of a COCO-format dataset (or the given ``image_ids``). Returns the written
+    paths."""
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     dataset = CocoDetection(image_dir, annotation_file, transforms=None, invalid_annotations="skip",
                             check_images="none")
     if image_ids:
@@ -45,8 +48,8 @@ def write_ground_truth_vs_predictions(detector, image_dir, annotation_file, out_
     written = []
     for index in indices:
         picture = render_ground_truth_vs_predictions(detector, dataset, index, score_threshold)
-        path = os.path.join(out_dir, f"compare_{int(dataset.image_ids[index])}.jpg")
-        picture.save(path, quality=92)
+        path = os.path.join(out_dir, f"compare_{int(dataset.image_ids[index])}.{image_format}")
+        picture.save(path, **({"quality": 92} if image_format == "jpg" else {}))
         written.append(path)
     return written
 

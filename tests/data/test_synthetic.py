@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from detr_cuda.data import CocoDetection
@@ -71,3 +72,21 @@ def test_command_line(tmp_path, capsys):
     main(["--out", str(tmp_path / "cli"), "--num-images", "3", "--image-size", "64"])
     assert "generated" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "cli" / "images")) == 3
+
+
+@pytest.mark.parametrize("layout", ["yolo", "voc"])
+def test_the_generated_set_in_yolo_and_voc_layouts_reads_back_the_same(layout, tmp_path):
+    from detr_cuda.data.coco import read_annotations
+    main(["--out", str(tmp_path / layout), "--layout", layout, "--split", "val", "--num-images", "5",
+          "--image-size", "64"])
+    with open(tmp_path / layout / "coco_val" / "annotations.json") as handle:
+        original = json.load(handle)
+    source = {"yolo": (tmp_path / "yolo" / "data.yaml", tmp_path / "yolo" / "images" / "val"),
+              "voc": (tmp_path / "voc" / "ImageSets" / "Main" / "val.txt", tmp_path / "voc" / "JPEGImages")}[layout]
+    again = read_annotations(str(source[0]), str(source[1]), layout)
+    names = {c["id"]: c["name"] for c in original["categories"]}
+    again_names = {c["id"]: c["name"] for c in again["categories"]}
+    assert len(again["images"]) == 5 and len(again["annotations"]) == len(original["annotations"]) > 0
+    for before, after in zip(original["annotations"], again["annotations"]):
+        assert names[before["category_id"]] == again_names[after["category_id"]]
+        assert after["bbox"] == pytest.approx(before["bbox"], abs=0.01)  # YOLO: 6-digit fractions

@@ -1,4 +1,5 @@
 """torchrun on CPU (gloo): two processes, two "nodes", a killed peer, and gradient normalisation."""
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from tests.support.launch import (REPO_ROOT, TRAIN, BASE_CONFIG, env, explain, f
 def test_two_process_torchrun_trains_and_rank0_writes(tmp_path):
     result = torchrun(2, tiny_args(tmp_path, extra=["train.max_steps=3"]), free_port())
     assert result.returncode == 0, explain(result)
+    assert "find_unused_parameters" not in result.stderr  # DDP searched for none (engine/setup.py wrap_model)
     output = tmp_path / "run"
     assert sorted(p.name for p in output.glob("*.pth")) == ["checkpoint_last.pth"]
     assert len(list(output.glob("log*.jsonl"))) == 1
@@ -34,6 +36,22 @@ def test_two_process_torchrun_trains_and_rank0_writes(tmp_path):
     assert "images per optimizer step: 4 -> 2" in alone.stdout
     assert "the 2 images between are trained on twice this epoch" in alone.stdout
     assert "keeps the stored 2 steps per epoch (this run has 4)" in alone.stdout
+
+
+def test_two_processes_dn_two_stage_with_an_empty_image(tmp_path):
+    """DN + two-stage + box refinement under DDP without the unused-parameter search: every step one
+    rank's only image has no object (no DN query there), and the step still reduces every gradient."""
+    overrides = write_fixed_coco(tmp_path / "fixed", num_images=2)
+    annotations = tmp_path / "fixed" / "annotations.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] == 1]
+    annotations.write_text(json.dumps(coco))
+    args = tiny_args(tmp_path, extra=[*overrides, "model.query_type=anchor", "dn.enabled=true", "train.batch_size=1",
+                                      "train.max_steps=3", "data.val_images=null", "data.val_annotations=null"])
+    result = torchrun(2, args, free_port())
+    assert result.returncode == 0, explain(result)
+    assert "find_unused_parameters" not in result.stderr and "Expected to have finished reduction" not in result.stderr
+    assert [r["iteration"] for r in read_log(tmp_path / "run", "train_interval")] == [1, 2, 3]
 
 
 def _launch_node(node_rank, nnodes, port, args, rdzv="static", log_dir=None):

@@ -2,12 +2,13 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from detr_cuda.checkpoint import save_atomic
 from detr_cuda.config import config_to_dict, load_config
-from detr_cuda.engine.resume import (TrainState, capture_rng_state, config_changes, restore_rng_state,
-                                     world_size_change_message)
+from detr_cuda.engine.resume import (ResumeConfigMismatch, TrainState, capture_rng_state, config_changes,
+                                     restore_rng_state, world_size_change_message)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -51,3 +52,22 @@ def test_world_size_change_warning_says_what_changes():
     boundary = world_size_change_message("ck.pth", 2, 4, TrainState(epoch=3, batch=0, step=8), batch_size=2,
                                          accumulate_steps=1, saved_steps_per_epoch=2, steps_per_epoch=2, lr_drop=7)
     assert "trained on" not in boundary and "steps per epoch" not in boundary
+
+
+def test_naming_the_same_data_another_way_is_no_change(tmp_path, monkeypatch):
+    """A run saved before data.format / data.root existed, with paths relative to its folder, resumes
+    with today's config that names the same files through data.root (resolved, absolute)."""
+    from detr_cuda.engine.resume import check_config_change
+    monkeypatch.chdir(tmp_path)
+    saved = config_to_dict(load_config(None, []))
+    for section in ("train", "val"):
+        saved["data"][f"{section}_images"] = f"coco/{section}2017"
+        saved["data"][f"{section}_annotations"] = f"coco/annotations/instances_{section}2017.json"
+    del saved["data"]["format"], saved["data"]["root"]
+    current = config_to_dict(load_config(None, [f"data.root={tmp_path / 'coco'}"]))
+    assert check_config_change(saved, current, "ck.pth", allow_config_change=False) == []
+    moved = config_to_dict(load_config(None, [f"data.root={tmp_path / 'coco'}", "data.train_images=other/images"]))
+    with pytest.raises(ResumeConfigMismatch, match="data.train_sources"):
+        check_config_change(saved, moved, "ck.pth", allow_config_change=False)
+    elsewhere = config_to_dict(load_config(None, [f"data.root={tmp_path / 'coco'}", "data.val_images=other/images"]))
+    assert check_config_change(saved, elsewhere, "ck.pth", allow_config_change=False) == []  # validation: harmless

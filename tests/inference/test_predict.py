@@ -245,3 +245,37 @@ def test_read_image_applies_the_exif_orientation(tmp_path):
     upright = read_image(path)
     assert upright.size == (20, 40)
     assert upright.getpixel((19, 0)) == (255, 0, 0)
+
+
+def test_infer_ids_come_from_the_readable_files_names(tiny_trained, tmp_path, capsys):
+    """A stray unreadable file (not named by a number) used to renumber every image 1..N."""
+    checkpoint, shapes = tiny_trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for number, name in zip((9, 25), sorted(os.listdir(shapes["images"]))):
+        Image.open(os.path.join(shapes["images"], name)).save(inputs / f"{number:012d}.jpg")
+    (inputs / "Thumbs.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert infer_tool.main(["--checkpoint", checkpoint, "--input", str(inputs), "--output-dir", str(out),
+                            "--device", "cpu", "--no-draw"]) == 0
+    assert "skipping unreadable image" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["file_name"], r["image_id"]) for r in results} == {("000000000009.jpg", 9), ("000000000025.jpg", 25)}
+
+
+def test_infer_says_why_a_picture_is_empty(tiny_trained, tmp_path, capsys):
+    checkpoint, shapes = tiny_trained
+    names = _copy_shapes(shapes, tmp_path / "inputs", 2)
+    out = tmp_path / "out"
+    assert infer_tool.main(["--checkpoint", checkpoint, "--input", str(tmp_path / "inputs"), "--output-dir", str(out),
+                            "--device", "cpu", "--score-threshold", "0.999"]) == 0
+    err = capsys.readouterr().err
+    assert "0 detection(s) scored >= 0.999" in err
+    best = {r["file_name"]: r["score"] for r in sorted(json.loads((out / "results.json").read_text()),
+                                                       key=lambda r: r["score"])}
+    assert f"2 image(s) with no detection >= 0.999; their best scores: {names[0]} {best[names[0]]:.3f}, " \
+           f"{names[1]} {best[names[1]]:.3f}" in err
+    assert infer_tool.main(["--checkpoint", checkpoint, "--input", str(tmp_path / "inputs"), "--output-dir", str(out),
+                            "--device", "cpu", "--score-threshold", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{2 * 20} detection(s) scored >= 0" in err and "no detection" not in err

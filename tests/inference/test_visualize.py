@@ -1,8 +1,11 @@
 """Pictures: decoder sampling points captured by a hook (and what they mean in pixels), ground truth
 beside predictions."""
+import itertools
+import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +15,7 @@ from tests.support.configs import tiny_detector_config
 
 from detr_cuda.data.loader import collate_fn
 from detr_cuda.inference import Detector, read_image
+from detr_cuda.inference.drawing import LEVEL_COLOURS, colour_for, draw_sampling_points, shared_colour_indices
 from detr_cuda.inference.attention import (SamplingRecorder, capture_decoder_sampling, last_decoder_cross_attention,
                                            query_points_in_image)
 from detr_cuda.inference.visualize import render_attention, write_ground_truth_vs_predictions
@@ -108,7 +112,7 @@ def test_attention_picture_of_trained_model(tiny_trained, tmp_path, capsys):
     detector = Detector.from_checkpoint(checkpoint, device="cpu")
     image = read_image(_first_image(shapes))
     picture, info = render_attention(detector, image)
-    assert picture.size == image.size
+    assert picture.width == image.width and picture.height > image.height  # the legend band below
     assert len(info["points"]) == 4                      # one list per level
     points = torch.cat(info["points"])
     assert points.shape == (4 * 4 * 2, 2)                # levels * heads * points
@@ -135,9 +139,32 @@ def test_attention_picture_of_trained_model(tiny_trained, tmp_path, capsys):
     assert "query 3" in capsys.readouterr().err
     (written,) = os.listdir(tmp_path)
     with Image.open(tmp_path / written) as saved:
-        assert saved.size == image.size
+        assert saved.width == image.width and saved.height > image.height
     with pytest.raises(ValueError, match="out of range"):
         render_attention(detector, image, query=10)
+
+
+def test_attention_legend_never_covers_a_small_image():
+    """The title and level legend used to cover about a third of a ~100-pixel image; they now sit in
+    a band below it, wrapped to its width, and the image's pixels are only touched by the points."""
+    image = Image.new("RGB", (96, 72), (128, 128, 128))
+    points = [torch.tensor([[90.0, 66.0]]) for _ in range(4)]
+    picture = draw_sampling_points(image, points, title="query 7: traffic light 0.42")
+    assert picture.width == 96 and picture.height > 72
+    untouched = picture.crop((0, 0, 80, 60))
+    assert untouched.getcolors() == [(80 * 60, (128, 128, 128))]
+    band = {tuple(pixel) for pixel in np.asarray(picture.crop((0, 72, 96, picture.height))).reshape(-1, 3).tolist()}
+    assert set(LEVEL_COLOURS[:4]) <= band and min(map(sum, band)) < 60  # chips and dark title text
+
+
+def test_palette_separates_80_classes():
+    palette = [colour_for(index) for index in range(80)]
+    distances = [math.dist(a, b) for a, b in itertools.combinations(palette, 2)]
+    assert min(distances) >= 50                 # every pair differs visibly
+    assert min(math.dist(a, b) for a, b in itertools.combinations(palette[:10], 2)) >= 100
+    # compare pictures: a ground-truth name and the same model class share one colour; others differ
+    colours = shared_colour_indices(["cat", "Traffic light"], ["traffic_light", "zebra"])
+    assert colours == {"cat": 0, "Traffic light": 1, "traffic_light": 1, "zebra": 2}
 
 
 def test_ground_truth_vs_predictions(tiny_trained, tmp_path):
@@ -153,6 +180,12 @@ def test_ground_truth_vs_predictions(tiny_trained, tmp_path):
     with Image.open(tmp_path / "compare_1.jpg") as picture:
         assert picture.width == 2 * width + 8
         assert picture.height > height
+    code = visualize_tool.main(["compare", "--checkpoint", checkpoint, "--images", shapes["images"],
+                                "--annotations", shapes["annotations"], "--image-ids", "3",
+                                "--output-dir", str(tmp_path / "png"), "--device", "cpu", "--image-format", "png"])
+    assert code == 0
+    with Image.open(tmp_path / "png" / "compare_3.png") as picture:
+        assert picture.format == "PNG"
     detector = Detector.from_checkpoint(checkpoint, device="cpu")
     with pytest.raises(ValueError, match="not in"):
         write_ground_truth_vs_predictions(detector, shapes["images"], shapes["annotations"], str(tmp_path),

@@ -37,10 +37,10 @@ def env(threads=1):
     return child
 
 
-def run(args, timeout=240, **kwargs):
-    """Runs a command to completion (with a timeout); returns the CompletedProcess with text output."""
+def run(args, timeout=240, cwd=REPO_ROOT, **kwargs):
+    """Runs a command to completion (with a timeout) in ``cwd``; returns the CompletedProcess with text output."""
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=kwargs.pop("env", env()),
-                          cwd=REPO_ROOT, **kwargs)
+                          cwd=cwd, **kwargs)
 
 
 def train(args, timeout=240):

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,11 +35,27 @@ def test_export_tool_writes_checked_files(tmp_path):
         summary = json.load(handle)
     assert summary["category_map"]["label_to_category_id"] == [5, 9]
     assert (summary["height"], summary["width"]) == (64, 96)
+    check_preprocessing_recipe(summary["preprocessing"], str(checkpoint))
     assert os.path.isfile(out / "model.pt2")
     assert max(summary["torch_export"]["max_abs_difference"].values()) < 1e-5
     if have_onnx:
         assert os.path.isfile(out / "model.onnx")
         assert max(summary["onnx"]["max_abs_difference"].values()) < 1e-4
+
+
+def check_preprocessing_recipe(recipe, checkpoint):
+    """Following export.json's preprocessing by hand gives what the detector feeds its model."""
+    from PIL import Image
+    from detr_cuda import Detector
+    from detr_cuda.data.transforms import resized_size
+    assert recipe["canvas"]["height"] == 64 and recipe["canvas"]["width"] == 96
+    assert recipe["resize"]["interpolation"] == "bilinear"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 150, 3), dtype=np.uint8))
+    height, width = resized_size(image.size, recipe["resize"]["short_side"], recipe["resize"]["max_size"])
+    pixels = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255
+    by_hand = (pixels - np.array(recipe["normalize"]["mean"])) / np.array(recipe["normalize"]["std"])
+    expected = Detector.from_checkpoint(checkpoint, device="cpu").preprocess(image)
+    np.testing.assert_allclose(by_hand.transpose(2, 0, 1), expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("flag, value", [("--height", "0"), ("--width", "-5"), ("--batch-size", "0"),
