@@ -11,6 +11,7 @@ already installed, and an isolated build would pull another torch).
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -30,9 +31,17 @@ def want_cuda():
 def build_extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    # -fopenmp-simd only honours `#pragma omp simd` (vectorised channel loops);
-    # it links no OpenMP runtime.
+    # -fopenmp-simd honours `#pragma omp simd` (vectorised loops).
     extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else ["-O3", "-std=c++17", "-fopenmp-simd"]}
+    extra_link_args = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inline code that runs in parallel only when the
+        # extension itself is compiled with OpenMP (_OPENMP defined); without
+        # -fopenmp the CPU kernels ran on one thread. libgomp.so.1 resolves to
+        # the one torch already loaded, so there is one thread pool and
+        # torch.set_num_threads applies to the kernels too.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     define_macros = []
     if want_cuda():
         if torch.version.cuda is None:
@@ -42,9 +51,11 @@ def build_extension():
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         return CUDAExtension("detr_cuda._C", cpp_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                             define_macros=define_macros, extra_compile_args=extra_compile_args)
+                             define_macros=define_macros, extra_compile_args=extra_compile_args,
+                             extra_link_args=extra_link_args)
     return CppExtension("detr_cuda._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                        define_macros=define_macros, extra_compile_args=extra_compile_args)
+                        define_macros=define_macros, extra_compile_args=extra_compile_args,
+                        extra_link_args=extra_link_args)
 
 
 setup(
