@@ -32,7 +32,11 @@ def build_extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # -fopenmp-simd honours `#pragma omp simd` (vectorised loops).
-    extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else ["-O3", "-std=c++17", "-fopenmp-simd"]}
+    # -fno-trapping-math: nothing here reads floating-point exception flags,
+    # and without it GCC will not turn the CPU kernel's per-sample selects
+    # into vector blends (the set-up loop would stay scalar). clang's default.
+    extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else
+                          ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math"]}
     extra_link_args = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is inline code that runs in parallel only when the
