@@ -11,6 +11,7 @@ already installed, and an isolated build would pull another torch).
 """
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -28,6 +29,16 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def compiler_is_gcc():
+    """Whether the C++ compiler torch.utils.cpp_extension will call ($CXX, else c++) is GCC."""
+    try:
+        version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in version and "Free Software Foundation" in version
+
+
 def build_extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -38,12 +49,13 @@ def build_extension():
     extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else
                           ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math"]}
     extra_link_args = []
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available() and compiler_is_gcc():
         # at::parallel_for is inline code that runs in parallel only when the
         # extension itself is compiled with OpenMP (_OPENMP defined); without
         # -fopenmp the CPU kernels ran on one thread. libgomp.so.1 resolves to
         # the one torch already loaded, so there is one thread pool and
-        # torch.set_num_threads applies to the kernels too.
+        # torch.set_num_threads applies to the kernels too. (clang's -fopenmp
+        # would bring its own runtime, libomp: a clang build stays serial.)
         extra_compile_args["cxx"].append("-fopenmp")
         extra_link_args.append("-fopenmp")
     define_macros = []
