@@ -95,4 +95,6 @@ def test_avx_instructions_stay_inside_the_avx_kernels():
             else:
                 offenders.add(function)
     assert not offenders, sorted(offenders)[:10]
-    assert wide > 0  # the wide kernels are there at all
+    # The wide kernels are there at all where this CPU runs one (builds by
+    # compilers other than GCC have the baseline kernels only).
+    assert wide > 0 or _C.cpu_kernel_isa() == "baseline"

@@ -150,36 +150,71 @@ using Vec = typename VectorOf<acc_t, MSDA_CPU_VECTOR_BYTES>::type;
 template <typename acc_t>
 constexpr int kLanes = MSDA_CPU_VECTOR_BYTES / static_cast<int>(sizeof(acc_t));
 
-inline Vec<float> load_vec(const float* p) {
-  Vec<float> v;
+template <typename acc_t>
+constexpr int kVecs = kChunk<acc_t> / kLanes<acc_t>;
+
+template <typename acc_t>
+inline Vec<acc_t> load_vec(const acc_t* p) {
+  Vec<acc_t> v;
   std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline Vec<double> load_vec(const double* p) {
-  Vec<double> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline Vec<float> load_vec(const c10::BFloat16* p) {
-  typedef uint16_t Narrow __attribute__((vector_size(MSDA_CPU_VECTOR_BYTES / 2)));
-  typedef uint32_t Wide __attribute__((vector_size(MSDA_CPU_VECTOR_BYTES)));
-  Narrow narrow;
-  std::memcpy(&narrow, p, sizeof(narrow));
-  const Wide bits = __builtin_convertvector(narrow, Wide) << 16;
-  Vec<float> v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-inline Vec<float> load_vec(const c10::Half* p) {
-  float lanes[kLanes<float>];
-  for (int l = 0; l < kLanes<float>; ++l) lanes[l] = static_cast<float>(p[l]);
-  Vec<float> v;
-  std::memcpy(&v, lanes, sizeof(v));
   return v;
 }
 template <typename acc_t>
 inline void store_vec(acc_t* p, const Vec<acc_t>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// One chunk of value, grad_output, the output or the backward's scratch as
+// kVecs vectors of the accumulation type. For bfloat16 the lanes hold the
+// channels out of order: vector 2h has the even channels of
+// [2hL, 2(h+1)L), vector 2h + 1 the odd ones, so that two bfloat16 in one
+// 32-bit word become two floats with one shift and one mask (a widening
+// load and a shift per vector otherwise: bfloat16 took more instructions
+// than float32). Every chunk of one call uses the same order, and the
+// output is written back in memory order.
+typedef uint32_t Bits __attribute__((vector_size(MSDA_CPU_VECTOR_BYTES)));
+
+inline void load_chunk(const float* p, Vec<float> (&x)[kVecs<float>]) {
+  for (int m = 0; m < kVecs<float>; ++m) x[m] = load_vec(p + m * kLanes<float>);
+}
+inline void load_chunk(const double* p, Vec<double> (&x)[kVecs<double>]) {
+  for (int m = 0; m < kVecs<double>; ++m) x[m] = load_vec(p + m * kLanes<double>);
+}
+inline void load_chunk(const c10::BFloat16* p, Vec<float> (&x)[kVecs<float>]) {
+  for (int h = 0; h < kVecs<float> / 2; ++h) {
+    Bits pairs;
+    std::memcpy(&pairs, p + 2 * h * kLanes<float>, sizeof(pairs));
+    const Bits even = pairs << 16, odd = pairs & 0xFFFF0000u;
+    std::memcpy(&x[2 * h], &even, sizeof(even));
+    std::memcpy(&x[2 * h + 1], &odd, sizeof(odd));
+  }
+}
+inline void load_chunk(const c10::Half* p, Vec<float> (&x)[kVecs<float>]) {
+  float lanes[kChunk<float>];
+  for (int c = 0; c < kChunk<float>; ++c) lanes[c] = static_cast<float>(p[c]);
+  std::memcpy(x, lanes, sizeof(lanes));
+}
+
+inline void store_chunk(float* p, const Vec<float> (&x)[kVecs<float>]) { std::memcpy(p, x, sizeof(x)); }
+inline void store_chunk(double* p, const Vec<double> (&x)[kVecs<double>]) { std::memcpy(p, x, sizeof(x)); }
+// Rounded to nearest even, NaN to 0x7FC0, as c10::BFloat16(float).
+inline Bits round_to_bfloat16(const Vec<float>& v) {
+  Bits bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const Bits rounded = bits + (0x7FFFu + ((bits >> 16) & 1u));
+  const Bits nan = (Bits)(v != v);  // all ones in NaN lanes
+  return (rounded & ~nan) | ((Bits{} + 0x7FC00000u) & nan);
+}
+inline void store_chunk(c10::BFloat16* p, const Vec<float> (&x)[kVecs<float>]) {
+  for (int h = 0; h < kVecs<float> / 2; ++h) {
+    const Bits pairs = (round_to_bfloat16(x[2 * h]) >> 16) | (round_to_bfloat16(x[2 * h + 1]) & 0xFFFF0000u);
+    std::memcpy(p + 2 * h * kLanes<float>, &pairs, sizeof(pairs));
+  }
+}
+inline void store_chunk(c10::Half* p, const Vec<float> (&x)[kVecs<float>]) {
+  float lanes[kChunk<float>];
+  std::memcpy(lanes, x, sizeof(lanes));
+  for (int c = 0; c < kChunk<float>; ++c) p[c] = static_cast<c10::Half>(lanes[c]);
 }
 
 // Lane permutations for the reduction below: lane i of the result is lane
@@ -247,9 +282,8 @@ inline void sum_lanes4(const Vec<acc_t> (&p)[4], acc_t (&sums)[4]) {
 template <typename scalar_t, typename acc_t>
 inline void forward_vector_chunk(const ForwardArgs<scalar_t, acc_t>& a, const HeadView<scalar_t>& view, int64_t row,
                                  CornerTable<acc_t>& t, bool table_ready, int64_t c0) {
-  constexpr int kVecs = kChunk<acc_t> / kLanes<acc_t>;
-  constexpr int kSets = kVecs >= 8 ? 1 : kVecs >= 4 ? 2 : 4;
-  Vec<acc_t> acc[kSets][kVecs] = {};
+  constexpr int kSets = kVecs<acc_t> >= 8 ? 1 : kVecs<acc_t> >= 4 ? 2 : 4;
+  Vec<acc_t> acc[kSets][kVecs<acc_t>] = {};
   const int64_t samples = a.sz.num_levels * a.sz.num_points;
   for (int64_t k0 = 0; k0 < samples; k0 += kGroup) {
     const int n = static_cast<int>(std::min<int64_t>(kGroup, samples - k0));
@@ -258,21 +292,19 @@ inline void forward_vector_chunk(const ForwardArgs<scalar_t, acc_t>& a, const He
     }
     for (int j = 0; j < n; ++j) {
       for (int i = 0; i < 4; ++i) {
-        const scalar_t* v = view.row(t.pos[i][j]) + c0;
+        Vec<acc_t> x[kVecs<acc_t>];
+        load_chunk(view.row(t.pos[i][j]) + c0, x);
         const acc_t w = t.weight[i][j];
-        for (int m = 0; m < kVecs; ++m) acc[i % kSets][m] += w * load_vec(v + m * kLanes<acc_t>);
+        for (int m = 0; m < kVecs<acc_t>; ++m) acc[i % kSets][m] += w * x[m];
       }
     }
   }
   for (int step = 1; step < kSets; step *= 2) {
     for (int set = 0; set + step < kSets; set += 2 * step) {
-      for (int m = 0; m < kVecs; ++m) acc[set][m] += acc[set + step][m];
+      for (int m = 0; m < kVecs<acc_t>; ++m) acc[set][m] += acc[set + step][m];
     }
   }
-  acc_t sums[kChunk<acc_t>];
-  std::memcpy(sums, acc[0], sizeof(sums));
-  scalar_t* out = a.output + row * a.sz.channels + c0;
-  for (int c = 0; c < kChunk<acc_t>; ++c) out[c] = static_cast<scalar_t>(sums[c]);
+  store_chunk(a.output + row * a.sz.channels + c0, acc[0]);
 }
 
 // Channels [c0, c0 + kChunk) of one row's samples: dots[i][j] += <grad_out,
@@ -281,19 +313,21 @@ template <typename scalar_t, typename acc_t>
 inline void scatter_vector_chunk(const CornerTable<acc_t>& t, int n, const HeadView<scalar_t>& view,
                                  const GradRows<acc_t>& grads, const scalar_t* grad_out_row, int64_t c0,
                                  acc_t (*dots)[kGroup]) {
-  constexpr int kL = kLanes<acc_t>, kVecs = kChunk<acc_t> / kL;
-  Vec<acc_t> g[kVecs];
-  for (int m = 0; m < kVecs; ++m) g[m] = load_vec(grad_out_row + c0 + m * kL);
+  constexpr int kL = kLanes<acc_t>;
+  Vec<acc_t> g[kVecs<acc_t>];
+  load_chunk(grad_out_row + c0, g);
   for (int j = 0; j < n; ++j) {
     Vec<acc_t> products[4];
     for (int i = 0; i < 4; ++i) {
       const int32_t pos = t.pos[i][j];
-      const scalar_t* v = view.row(pos) + c0;
+      Vec<acc_t> x[kVecs<acc_t>];
+      load_chunk(view.row(pos) + c0, x);
+      // In the chunk order of load_chunk (grad_value's own rows have it).
       acc_t* s = grads.row(pos) + c0;
       const acc_t w = t.weight[i][j];
-      products[i] = g[0] * load_vec(v);
-      for (int m = 1; m < kVecs; ++m) products[i] += g[m] * load_vec(v + m * kL);
-      for (int m = 0; m < kVecs; ++m) store_vec(s + m * kL, load_vec(s + m * kL) + w * g[m]);
+      products[i] = g[0] * x[0];
+      for (int m = 1; m < kVecs<acc_t>; ++m) products[i] += g[m] * x[m];
+      for (int m = 0; m < kVecs<acc_t>; ++m) store_vec(s + m * kL, load_vec(s + m * kL) + w * g[m]);
     }
     acc_t sums[4];
     sum_lanes4(products, sums);
@@ -459,7 +493,15 @@ void backward(const BackwardArgs<scalar_t, acc_t>& a) {
         for (int64_t s = 0; s < sz.num_values; ++s) {
           const acc_t* src = scratch.data() + s * channels;
           scalar_t* dst = out + s * row_stride;
-          for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+          int64_t c0 = 0;
+#if MSDA_CPU_VECTOR_BYTES
+          for (; c0 + chunk <= channels; c0 += chunk) {  // chunk order, see load_chunk
+            Vec<acc_t> x[kVecs<acc_t>];
+            for (int m = 0; m < kVecs<acc_t>; ++m) x[m] = load_vec(src + c0 + m * kLanes<acc_t>);
+            store_chunk(dst + c0, x);
+          }
+#endif
+          for (int64_t c = c0; c < channels; ++c) dst[c] = static_cast<scalar_t>(src[c]);
         }
       }
     }
