@@ -11,6 +11,8 @@ already installed, and an isolated build would pull another torch).
 """
 import glob
 import os
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -27,12 +29,35 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def compiler_is_gcc():
+    """Whether the C++ compiler torch.utils.cpp_extension will call ($CXX, else c++) is GCC."""
+    try:
+        version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in version and "Free Software Foundation" in version
+
+
 def build_extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    # -fopenmp-simd only honours `#pragma omp simd` (vectorised channel loops);
-    # it links no OpenMP runtime.
-    extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else ["-O3", "-std=c++17", "-fopenmp-simd"]}
+    # -fopenmp-simd honours `#pragma omp simd` (vectorised loops).
+    # -fno-trapping-math: nothing here reads floating-point exception flags,
+    # and without it GCC will not turn the CPU kernel's per-sample selects
+    # into vector blends (the set-up loop would stay scalar). clang's default.
+    extra_compile_args = {"cxx": ["/O2", "/std:c++17"] if os.name == "nt" else
+                          ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math"]}
+    extra_link_args = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available() and compiler_is_gcc():
+        # at::parallel_for is inline code that runs in parallel only when the
+        # extension itself is compiled with OpenMP (_OPENMP defined); without
+        # -fopenmp the CPU kernels ran on one thread. libgomp.so.1 resolves to
+        # the one torch already loaded, so there is one thread pool and
+        # torch.set_num_threads applies to the kernels too. (clang's -fopenmp
+        # would bring its own runtime, libomp: a clang build stays serial.)
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     define_macros = []
     if want_cuda():
         if torch.version.cuda is None:
@@ -42,9 +67,11 @@ def build_extension():
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         return CUDAExtension("detr_cuda._C", cpp_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                             define_macros=define_macros, extra_compile_args=extra_compile_args)
+                             define_macros=define_macros, extra_compile_args=extra_compile_args,
+                             extra_link_args=extra_link_args)
     return CppExtension("detr_cuda._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                        define_macros=define_macros, extra_compile_args=extra_compile_args)
+                        define_macros=define_macros, extra_compile_args=extra_compile_args,
+                        extra_link_args=extra_link_args)
 
 
 setup(

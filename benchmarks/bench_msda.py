@@ -42,6 +42,7 @@ times it beside ours on CUDA. This script never builds it
 
 Examples:
     python benchmarks/bench_msda.py --device cpu
+    python benchmarks/bench_msda.py --device cpu --distribution uniform
     python benchmarks/bench_msda.py --device cuda --dtypes float32 bfloat16 float16
     python benchmarks/bench_msda.py --device cuda --baseline ~/dd_ops/MultiScaleDeformableAttention.cpython-311-x86_64-linux-gnu.so
 """
@@ -354,6 +355,10 @@ def describe_machine(device):
         pass
     if device == "cuda":
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
+    elif functional.extension_available():
+        # The widest instruction set torch's CPU capability allows
+        # (ATEN_CPU_CAPABILITY lowers it): baseline, avx2 or avx512.
+        lines.append(f"cpu kernel instruction set: {functional._C.cpu_kernel_isa()}")
     lines.append(f"command: python {' '.join(sys.argv)}")
     return lines
 

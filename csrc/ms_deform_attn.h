@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 #include "ms_deform_attn_sampling.h"
@@ -28,10 +29,11 @@ at::ScalarType ms_deform_attn_acc_type(at::ScalarType value_type);
 
 // The gradient buffers of one backward call, the same for every backend:
 // grad_value accumulates in the accumulation dtype and starts at zero (each
-// sampled corner adds into it); the location and weight grads have one writer
-// per element, so they start uninitialised unless there is nothing to compute.
+// sampled corner adds into it) unless start_ms_deform_attn_backward was told
+// otherwise; the location and weight grads have one writer per element, so
+// they start uninitialised unless there is nothing to compute.
 struct BackwardBuffers {
-  at::Tensor grad_value_acc;
+  at::Tensor grad_value_acc;  // accumulation dtype, or value's (grad_value_in_value_dtype)
   at::Tensor grad_locations;
   at::Tensor grad_attention;
   bool has_work;  // false: empty batch, queries or values; the grads are zeros
@@ -43,16 +45,23 @@ struct BackwardBuffers {
 // Checks grad_output against the output shape, dtype and device of the call
 // and allocates the buffers (on the current device: take the guard first).
 // zero_grad_value false: the backend writes every grad_value element itself
-// (the CUDA deterministic strategy), so the buffer starts uninitialised
-// unless there is nothing to compute.
+// (the CUDA deterministic strategy, the CPU kernel), so the buffer starts
+// uninitialised unless there is nothing to compute.
+// grad_value_in_value_dtype: the backend accumulates elsewhere and writes
+// grad_value in value's dtype (the CPU kernel), so grad_value_acc gets that
+// dtype instead of the accumulation dtype.
 BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
                                               const at::Tensor& sampling_locations,
                                               const at::Tensor& attention_weights, const MsdaSizes& sz,
-                                              bool zero_grad_value = true);
+                                              bool zero_grad_value = true, bool grad_value_in_value_dtype = false);
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights);
+
+// The instruction set the CPU kernels run with on this machine: "avx512",
+// "avx2" or "baseline" (see csrc/cpu/ms_deform_attn_cpu.cpp).
+std::string ms_deform_attn_cpu_isa();
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,

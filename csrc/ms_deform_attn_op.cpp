@@ -83,7 +83,7 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, const at::Tensor& value,
                                               const at::Tensor& sampling_locations,
                                               const at::Tensor& attention_weights, const MsdaSizes& sz,
-                                              bool zero_grad_value) {
+                                              bool zero_grad_value, bool grad_value_in_value_dtype) {
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_queries, sz.num_heads * sz.channels}),
               "ms_deform_attn backward: grad_output ", grad_output.sizes(), " does not match the output shape");
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device() &&
@@ -92,7 +92,8 @@ BackwardBuffers start_ms_deform_attn_backward(const at::Tensor& grad_output, con
               value.device());
   BackwardBuffers buffers;
   buffers.has_work = grad_output.numel() > 0 && value.numel() > 0;
-  const auto grad_value_options = value.options().dtype(ms_deform_attn_acc_type(value.scalar_type()));
+  const auto grad_value_options = value.options().dtype(
+      grad_value_in_value_dtype ? value.scalar_type() : ms_deform_attn_acc_type(value.scalar_type()));
   buffers.grad_value_acc = zero_grad_value || !buffers.has_work ? at::zeros(value.sizes(), grad_value_options)
                                                                 : at::empty(value.sizes(), grad_value_options);
   buffers.grad_locations =
@@ -131,6 +132,8 @@ TORCH_LIBRARY_IMPL(detr_cuda, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "detr_cuda compiled operators; the ops live in torch.ops.detr_cuda";
+  module.def("cpu_kernel_isa", &detr_cuda::ms_deform_attn_cpu_isa,
+             "Instruction set of the CPU kernels on this machine: avx512, avx2 or baseline");
 #ifdef WITH_CUDA
   module.attr("with_cuda") = true;
 #else

@@ -29,9 +29,15 @@ def test_gradcheck_float64_levels_and_points(shapes, points):
     gradcheck_cpu(shapes, channels=8, points=points, generator=fresh_generator())
 
 
-@pytest.mark.parametrize("channels", [1, 30, 32, 64, 71])
+@pytest.mark.parametrize("channels", [1, 17, 30, 32, 64, 71])
 def test_gradcheck_float64_channels(channels):
     gradcheck_cpu(FOUR_LEVELS, channels=channels, points=2, generator=fresh_generator(), batch=1, heads=1)
+
+
+def test_gradcheck_float64_more_samples_than_one_corner_table():
+    # 4 levels x 17 points = 68 samples per row, more than the 64 the kernel
+    # locates at once: rows are done in groups.
+    gradcheck_cpu(FOUR_LEVELS, channels=20, points=17, generator=fresh_generator(), batch=1, queries=2, heads=1)
 
 
 @pytest.mark.parametrize("category", ["inside", "border", "outside"])
@@ -55,6 +61,39 @@ def test_matches_reference(dtype, shapes, channels, points):
                             points=points, generator=fresh_generator())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [3, 5, 16, 17, 32, 48, 64, 96])
+def test_matches_reference_for_channel_counts(dtype, channels):
+    # Whole 128-byte chunks of channels go through explicit vectors, the rest
+    # through plain loops: every mix of the two, for both accumulation types.
+    check_against_reference(cpu_op, "cpu", dtype, FOUR_LEVELS, batch=2, queries=9, heads=2, channels=channels,
+                            points=4, generator=fresh_generator())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [20, 64])
+def test_matches_reference_with_more_samples_than_one_corner_table(dtype, channels):
+    check_against_reference(cpu_op, "cpu", dtype, FOUR_LEVELS, batch=1, queries=7, heads=2, channels=channels,
+                            points=17, generator=fresh_generator())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [8, 32])
+def test_corners_off_the_map_read_nothing(dtype, channels):
+    # value is NaN everywhere and every sample lies outside its map: an
+    # off-map corner must read zeros, not a real value row times a zero weight.
+    value, spatial_shapes, level_start_index, locations, attention = make_inputs(
+        FOUR_LEVELS, 2, 6, 2, channels, 4, dtype=dtype, categories=("outside",), generator=fresh_generator(),
+        loc_dtype=torch.float32)
+    value = torch.full_like(value, float("nan")).requires_grad_()
+    locations.requires_grad_()
+    attention.requires_grad_()
+    output = cpu_op(value, spatial_shapes, level_start_index, locations, attention)
+    output.backward(torch.ones_like(output))
+    for tensor in (output, value.grad, locations.grad, attention.grad):
+        assert torch.equal(tensor, torch.zeros_like(tensor))
+
+
 def test_half_precision_value_accepts_matching_locations():
     # bfloat16 locations are allowed with bfloat16 value (converted to float32
     # inside); gradients come back in bfloat16.
@@ -62,8 +101,11 @@ def test_half_precision_value_accepts_matching_locations():
                             loc_dtype=torch.bfloat16)
 
 
-def test_backward_is_bitwise_deterministic_across_runs_and_thread_counts():
-    inputs = make_inputs(FOUR_LEVELS, 2, 64, 4, 16, 4, dtype=torch.float32, generator=fresh_generator())
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 16), (torch.float32, 32), (torch.bfloat16, 32),
+                                             (torch.float64, 24)])
+def test_backward_is_bitwise_deterministic_across_runs_and_thread_counts(dtype, channels):
+    inputs = make_inputs(FOUR_LEVELS, 2, 64, 4, channels, 4, dtype=dtype, generator=fresh_generator(),
+                         loc_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     value, spatial_shapes, level_start_index, locations, attention = inputs
 
     def grads():
@@ -77,10 +119,12 @@ def test_backward_is_bitwise_deterministic_across_runs_and_thread_counts():
     try:
         torch.set_num_threads(1)
         single_thread = grads()
+        torch.set_num_threads(3)
+        three_threads = grads()
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, grads(), single_thread):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b, c, d in zip(first, grads(), single_thread, three_threads):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
 
 
 def test_non_contiguous_inputs_are_made_contiguous():
