@@ -11,26 +11,24 @@ import sys
 
 import pytest
 
-import msda_testing
 from detr_cuda.ops import functional
 
 pytestmark = pytest.mark.skipif(not functional.extension_available(),
                                 reason="detr_cuda._C is not built (python setup.py build_ext --inplace)")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTING_DIR = os.path.dirname(os.path.abspath(msda_testing.__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ORDER = ["baseline", "avx2", "avx512"]
 
 # Channel counts with and without a remainder after the 128-byte vector
 # chunks, 17 points (more samples per row than one corner table), points on
-# and off the maps (msda_testing's categories), every value dtype, two
+# and off the maps (tests/support/msda_inputs categories), every value dtype, two
 # thread counts that must agree bitwise.
 CHECKS = r"""
 import sys
 import torch
 from detr_cuda import _C
 from detr_cuda.ops import ms_deform_attn
-from msda_testing import FOUR_LEVELS, ONE_LEVEL, check_against_reference, make_inputs
+from tests.support.msda_inputs import FOUR_LEVELS, ONE_LEVEL, check_against_reference, make_inputs
 print(_C.cpu_kernel_isa(), flush=True)
 op = lambda *inputs: ms_deform_attn(*inputs, backend="cpu")
 generator = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -61,7 +59,7 @@ def test_the_isa_in_use_is_one_of_the_compiled_ones():
 def test_each_instruction_set_matches_the_reference(capability, isa):
     seed = int.from_bytes(os.urandom(4), "little")
     environment = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
-                       PYTHONPATH=os.pathsep.join([REPO_ROOT, TESTING_DIR, os.environ.get("PYTHONPATH", "")]))
+                       PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", CHECKS, str(seed)], cwd=REPO_ROOT, env=environment,
                             capture_output=True, text=True, timeout=600)
     lines = result.stdout.split()
