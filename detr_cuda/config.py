@@ -40,12 +40,15 @@ class ModelConfig:
     dropout: float = 0.1
     num_queries: int = 300
     num_feature_levels: int = 4           # 1 = single-scale variant
+    backbone_levels: int = 3              # ResNet stages a multi-scale model reads: 3 = C3-C5 (strides 8-32), 4 = C2-C5 (from stride 4, DINO-5scale)
     enc_n_points: int = 4
     dec_n_points: int = 4
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
     query_type: str = "deformable"        # "deformable" (query_embed) or "anchor" (DAB-style 4-d anchors, used by DN)
+    position_temperature: float = 10000.0  # sine position encoding: temperature (DINO: 20)
+    position_offset: float = -0.5         # sine position encoding: added to the 1-based pixel counts (Deformable DETR -0.5; DETR, DINO 0)
     num_classes: Optional[int] = None     # None: taken from the dataset
     msda_backend: Optional[str] = None    # None (auto), "reference", "cpu" or "cuda"
 
@@ -177,6 +180,8 @@ RANGES = {
     "model.enc_layers": AT_LEAST_1, "model.dec_layers": AT_LEAST_1, "model.dim_feedforward": AT_LEAST_1,
     "model.dropout": (0, 1, True, False), "model.num_queries": AT_LEAST_1, "model.num_feature_levels": AT_LEAST_1,
     "model.enc_n_points": AT_LEAST_1, "model.dec_n_points": AT_LEAST_1, "model.num_classes": AT_LEAST_1,
+    "model.backbone_levels": (3, 4, True, True), "model.position_temperature": POSITIVE,
+    "model.position_offset": (-1, 0, True, True),
     "dn.dn_groups": AT_LEAST_1, "dn.label_noise_ratio": UNIT, "dn.box_noise_scale": AT_LEAST_0,
     "dn.max_dn_queries": AT_LEAST_0,
     "loss.set_cost_class": AT_LEAST_0, "loss.set_cost_bbox": AT_LEAST_0, "loss.set_cost_giou": AT_LEAST_0,
@@ -231,9 +236,9 @@ def check_config(config):
                           f"got {model.hidden_dim}")
     if model.hidden_dim % model.nheads != 0:
         raise ConfigError(f"model.hidden_dim ({model.hidden_dim}) must be divisible by model.nheads ({model.nheads})")
-    if model.num_feature_levels == 2:
-        raise ConfigError("model.num_feature_levels must be 1 (single-scale) or >= 3 (the ResNet's three levels "
-                          "plus extra ones), got 2")
+    if 1 < model.num_feature_levels < model.backbone_levels:
+        raise ConfigError(f"model.num_feature_levels must be 1 (single-scale) or >= {model.backbone_levels} (the "
+                          f"model.backbone_levels ResNet levels plus extra ones), got {model.num_feature_levels}")
     if config.dn.enabled and model.query_type != "anchor":
         raise ConfigError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are anchor boxes)")
     if data.crop_min_size > data.crop_max_size:
