@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt_io
+from ..config import Config, config_to_dict
 from ..util import dist
 
 HARMLESS = ("train.epochs", "train.max_steps", "train.log_interval", "train.eval_every", "train.checkpoint_every",
@@ -67,8 +68,10 @@ def _matches(field, names):
 
 def config_changes(saved, current):
     """(harmless, effective, fixed): lists of 'field: saved -> current' for the fields that differ
-    between two config dicts, sorted into the three kinds of the module docstring."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    between two config dicts, sorted into the three kinds of the module docstring. A field the saved
+    config lacks (written before the field existed) counts as its default, the behaviour it ran with."""
+    saved_flat = {**_flatten(config_to_dict(Config())), **_flatten(saved)}
+    current_flat = _flatten(current)
     harmless, effective, fixed = [], [], []
     for field in sorted(set(saved_flat) | set(current_flat)):
         before, after = saved_flat.get(field), current_flat.get(field)

@@ -33,6 +33,17 @@ def test_config_changes_are_sorted_into_harmless_effective_and_fixed():
                                                                         "train.batch_size: 2 -> 4"]
 
 
+def test_fields_a_saved_config_lacks_count_as_their_defaults():
+    """A run started before model.backbone_levels and the position-encoding fields existed resumes."""
+    current = config_to_dict(load_config(None, []))
+    older = config_to_dict(load_config(None, []))
+    for field in ("backbone_levels", "position_temperature", "position_offset"):
+        del older["model"][field]
+    assert config_changes(older, current) == ([], [], [])
+    dino = config_to_dict(load_config(None, ["model.position_temperature=20"]))
+    assert config_changes(older, dino)[2] == ["model.position_temperature: 10000.0 -> 20.0"]
+
+
 def test_world_size_change_warning_says_what_changes():
     # 2 processes x batch 2 wrote it in epoch 1 after 1 batch per rank (images 0..3 of the epoch's order).
     fewer = world_size_change_message("ck.pth", 2, 1, TrainState(epoch=1, batch=1, step=3), batch_size=2,
