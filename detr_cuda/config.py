@@ -44,19 +44,22 @@ class ModelConfig:
     dropout: float = 0.1
     num_queries: int = 300
     num_feature_levels: int = 4           # 1 = single-scale variant
+    backbone_levels: int = 3              # ResNet stages a multi-scale model reads: 3 = C3-C5 (strides 8-32), 4 = C2-C5 (from stride 4, DINO-5scale)
     enc_n_points: int = 4
     dec_n_points: int = 4
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
-    query_type: str = "deformable"        # "deformable" (query_embed) or "anchor" (DAB-style 4-d anchors, used by DN)
+    query_type: str = "deformable"        # "deformable" (query_embed), "anchor" (DAB-style 4-d anchors, used by DN) or "dino" (DINO; needs two_stage and with_box_refine)
+    position_temperature: float = 10000.0  # sine position encoding: temperature (DINO: 20)
+    position_offset: float = -0.5         # sine position encoding: added to the 1-based pixel counts (Deformable DETR -0.5; DETR, DINO 0)
     num_classes: Optional[int] = None     # None: taken from the dataset
     msda_backend: Optional[str] = None    # None (auto), "reference", "cpu" or "cuda"
 
 
 @dataclass
 class DNConfig:
-    """Denoising training (DN-DETR; detr_cuda/models/dn_queries.py; losses in criterion.py). Needs model.query_type "anchor"."""
+    """Denoising training (DN-DETR; detr_cuda/models/dn_queries.py; losses in criterion.py). Needs model.query_type "anchor" or "dino"."""
     enabled: bool = False
     dn_groups: int = 5                    # noised copies of the batch's GT (used when max_dn_queries is 0)
     label_noise_ratio: float = 0.2        # probability of replacing a DN label by a uniform random class
@@ -175,11 +178,14 @@ def check_config(config):
                           f"got {model.hidden_dim}")
     if model.hidden_dim % model.nheads != 0:
         raise ConfigError(f"model.hidden_dim ({model.hidden_dim}) must be divisible by model.nheads ({model.nheads})")
-    if model.num_feature_levels == 2:
-        raise ConfigError("model.num_feature_levels must be 1 (single-scale) or >= 3 (the ResNet's three levels "
-                          "plus extra ones), got 2")
-    if config.dn.enabled and model.query_type != "anchor":
-        raise ConfigError("dn.enabled needs model.query_type 'anchor' (DN-Deformable-DETR: DN queries are anchor boxes)")
+    if 1 < model.num_feature_levels < model.backbone_levels:
+        raise ConfigError(f"model.num_feature_levels must be 1 (single-scale) or >= {model.backbone_levels} (the "
+                          f"model.backbone_levels ResNet levels plus extra ones), got {model.num_feature_levels}")
+    if config.dn.enabled and model.query_type not in ("anchor", "dino"):
+        raise ConfigError("dn.enabled needs model.query_type 'anchor' or 'dino' (DN queries are anchor boxes)")
+    if model.query_type == "dino" and not (model.two_stage and model.with_box_refine):
+        raise ConfigError("model.query_type 'dino' needs model.two_stage and model.with_box_refine true (DINO's "
+                          "anchors are the encoder's top-k proposals, refined layer by layer)")
     if data.crop_min_size > data.crop_max_size:
         raise ConfigError(f"data.crop_min_size ({data.crop_min_size}) must not exceed data.crop_max_size "
                           f"({data.crop_max_size})")

@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 # a typo fails at config load instead of at first use (e.g. train.amp only at the first training step).
 CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.query_type": ("deformable", "anchor"),
+    "model.query_type": ("deformable", "anchor", "dino"),
     "model.msda_backend": ("auto", "cpu", "cuda", "reference"),  # or null; any letter case
     "data.dataset": ("coco", "synthetic"),
     "data.format": ("coco", "yolo", "voc"),
@@ -37,6 +37,8 @@ RANGES = {
     "model.enc_layers": AT_LEAST_1, "model.dec_layers": AT_LEAST_1, "model.dim_feedforward": AT_LEAST_1,
     "model.dropout": (0, 1, True, False), "model.num_queries": AT_LEAST_1, "model.num_feature_levels": AT_LEAST_1,
     "model.enc_n_points": AT_LEAST_1, "model.dec_n_points": AT_LEAST_1, "model.num_classes": AT_LEAST_1,
+    "model.backbone_levels": (3, 4, True, True), "model.position_temperature": POSITIVE,
+    "model.position_offset": (-1, 0, True, True),
     "dn.dn_groups": AT_LEAST_1, "dn.label_noise_ratio": UNIT, "dn.box_noise_scale": AT_LEAST_0,
     "dn.max_dn_queries": AT_LEAST_0,
     "loss.set_cost_class": AT_LEAST_0, "loss.set_cost_bbox": AT_LEAST_0, "loss.set_cost_giou": AT_LEAST_0,

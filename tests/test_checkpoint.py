@@ -10,8 +10,9 @@ from torch import nn
 from detr_cuda import checkpoint as ckpt_io
 from detr_cuda.categories import CategoryMap, COCO_CATEGORY_NAMES
 from detr_cuda.models import build_model
-from tests.support.configs import VARIANTS, tiny_model_config
+from tests.support.configs import DINO, VARIANTS, tiny_model_config
 from tests.support.models import padded_batch
+from tests.support.official_layouts import official_dino_file
 
 COCO_IDS = sorted(COCO_CATEGORY_NAMES)
 
@@ -266,3 +267,31 @@ def test_the_dn_label_book_is_mapped_like_the_class_rows(tmp_path):
                tmp_path / "no_book.pth")
     report = ckpt_io.load_for_inference(Book(80), tmp_path / "no_book.pth", categories(COCO_IDS))
     assert report.missing == ["label_enc.weight"]
+
+
+def test_an_official_layout_dino_file_maps_every_class_head_and_the_label_book(tmp_path):
+    """IDEA-Research/DINO's layout (tests/support/official_layouts.py): 91-row heads indexed by COCO id in
+    class_embed.{j}, transformer.decoder.class_embed.{j} and transformer.enc_out_class_embed, a 92-row
+    label book, no category map. An 80-category model takes every tensor, each class row by category."""
+    sizes = dict(hidden=32, ffn=64, enc_layers=1, dec_layers=2, queries=10, levels=3, heads=2, points=2,
+                 backbone_channels=(32, 64, 128))
+    cfg = tiny_model_config(*DINO, "model.backbone_width=16", "model.hidden_dim=32", "model.nheads=2",
+                            "model.num_queries=10", "model.num_feature_levels=3")
+    model, _, _ = build_model(cfg, 80)
+    official = official_dino_file(model, generator=torch.Generator().manual_seed(0), **sizes)
+    torch.save(official, tmp_path / "checkpoint0011_like.pth")
+    report = ckpt_io.load_for_inference(model, tmp_path / "checkpoint0011_like.pth", categories(COCO_IDS))
+    assert report.missing == report.unused == report.mismatched == report.fresh == []
+    assert report.categories_without_row == [] and report.matched_by == "name"
+    heads = ["transformer.enc_out_class_embed"] + [f"{owner}class_embed.{j}" for owner in ("", "transformer.decoder.")
+                                                   for j in range(2)]
+    assert sorted(report.mapped) == sorted(["label_enc.weight"] + [f"{h}.{p}" for h in heads for p in ("weight", "bias")])
+    state, file_state = model.state_dict(), official["model"]
+    for head in heads:
+        assert torch.equal(state[head + ".weight"], file_state[head + ".weight"][COCO_IDS])
+        assert torch.equal(state[head + ".bias"], file_state[head + ".bias"][COCO_IDS])
+    assert torch.equal(state["label_enc.weight"][:80], file_state["label_enc.weight"][COCO_IDS])
+    assert torch.equal(state["label_enc.weight"][80], file_state["label_enc.weight"][91])
+    for key in ("transformer.tgt_embed.weight", "transformer.decoder.norm.weight", "bbox_embed.1.layers.2.weight",
+                "transformer.enc_out_bbox_embed.layers.0.weight"):
+        assert torch.equal(state[key], file_state[key])

@@ -40,19 +40,25 @@ class AnchorDeformableDETR(DeformableDETR):
     learns_query_embed = False
     reference_eps = ANCHOR_INVERSE_SIGMOID_EPS
     training_only_prefixes = ("label_enc.",)  # the DN label book: no DN queries at inference
+    query_type = "anchor"                     # the transformer's query_type this detector needs
+    dn_indicator = True                       # DN content = label_enc (C - 1) + indicator channel
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=True, two_stage=False, dn_cfg=None):
-        if transformer.query_type != "anchor":
-            raise ValueError("AnchorDeformableDETR needs a DeformableTransformer with query_type 'anchor'")
+        if transformer.query_type != self.query_type:
+            raise ValueError(f"{type(self).__name__} needs a DeformableTransformer with query_type "
+                             f"'{self.query_type}', got '{transformer.query_type}'")
         super().__init__(backbone, transformer, num_classes, num_queries, num_feature_levels,
                          aux_loss=aux_loss, with_box_refine=with_box_refine, two_stage=two_stage)
-        hidden_dim = transformer.d_model
+        self._build_query_embeddings(transformer.d_model, num_classes, num_queries, two_stage)
+        self.dn_cfg = dn_cfg
+
+    def _build_query_embeddings(self, hidden_dim, num_classes, num_queries, two_stage):
+        """The DN label book, the content queries and (single-stage) the anchor boxes."""
         self.label_enc = nn.Embedding(num_classes + 1, hidden_dim - 1)
         self.tgt_embed = nn.Embedding(num_queries, hidden_dim - 1)
         if not two_stage:
             self.refpoint_embed = nn.Embedding(num_queries, 4)
-        self.dn_cfg = dn_cfg
 
     def dn_active(self, targets):
         return self.training and targets is not None and self.dn_cfg is not None and self.dn_cfg.enabled
@@ -72,7 +78,8 @@ class AnchorDeformableDETR(DeformableDETR):
         use_dn = self.dn_active(targets)
         dn = None
         if use_dn:
-            dn = prepare_dn_queries(targets, self.label_enc, self.num_classes, self.num_queries, self.dn_cfg)
+            dn = prepare_dn_queries(targets, self.label_enc, self.num_classes, self.num_queries, self.dn_cfg,
+                                    indicator=self.dn_indicator)
         prefix = None if dn is None else {"tgt": dn["content"], "reference_points": dn["boxes"]}
         attn_mask = None if dn is None else dn["attn_mask"]
         hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact = \

@@ -108,8 +108,9 @@ RESNET_SPECS = {
 class ResNet(nn.Module):
     """torchvision-layout ResNet without the classifier (``avgpool``/``fc``).
 
-    forward(x (B, 3, H, W)) -> list of the layer2, layer3, layer4 outputs
-    (C3, C4, C5) at strides 8, 16, 32 (16 for C5 with ``dilation``).
+    forward(x (B, 3, H, W)) -> list of the layer1, layer2, layer3, layer4 outputs
+    (C2, C3, C4, C5) at strides 4, 8, 16, 32 (16 for C5 with ``dilation``);
+    ``num_channels`` holds their channel counts.
     """
 
     def __init__(self, name, dilation=False, width=64):
@@ -128,7 +129,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
         self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
-        self.num_channels = [2 * width * block.expansion, 4 * width * block.expansion, 8 * width * block.expansion]
+        self.num_channels = [scale * width * block.expansion for scale in (1, 2, 4, 8)]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -155,7 +156,7 @@ class ResNet(nn.Module):
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5]
 
 
 def load_torchvision_resnet_weights(body, path):
@@ -197,24 +198,27 @@ class Backbone(nn.Module):
 
     forward(images (B, 3, H, W), padding_mask (B, H, W) bool, True = padded)
     -> list over levels of (feature (B, C_l, H_l, W_l), mask (B, H_l, W_l) bool).
-    Multi-scale returns C3, C4, C5; single-scale (``return_all_levels=False``) only C5.
+    Returns the last ``num_levels`` ResNet stages: 3 = C3, C4, C5 (multi-scale), 4 = C2 .. C5
+    (DINO-5scale), 1 = C5 (single-scale). Freezing follows the parameter names, not the levels
+    returned: with ``freeze_stem_and_layer1`` layer1 stays frozen also when C2 is returned, as in
+    DINO.
     """
 
     def __init__(self, name, train_backbone=True, freeze_stem_and_layer1=True, dilation=False,
-                 return_all_levels=True, width=64):
+                 num_levels=3, width=64):
         super().__init__()
         self.body = ResNet(name, dilation=dilation, width=width)
         for param_name, parameter in self.body.named_parameters():
             stem_or_layer1 = not param_name.startswith(("layer2", "layer3", "layer4"))
             if not train_backbone or (freeze_stem_and_layer1 and stem_or_layer1):
                 parameter.requires_grad_(False)
-        self.return_all_levels = return_all_levels
-        self.num_channels = self.body.num_channels if return_all_levels else self.body.num_channels[-1:]
+        if not 1 <= num_levels <= 4:
+            raise ValueError(f"a ResNet backbone returns 1 to 4 levels, not {num_levels}")
+        self.num_levels = num_levels
+        self.num_channels = self.body.num_channels[-num_levels:]
 
     def forward(self, images, padding_mask):
-        features = self.body(images)
-        if not self.return_all_levels:
-            features = features[-1:]
+        features = self.body(images)[-self.num_levels:]
         outputs = []
         for feature in features:
             mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
@@ -248,7 +252,7 @@ def build_backbone(cfg):
     backbone = Backbone(model_cfg.backbone, train_backbone=model_cfg.train_backbone,
                         freeze_stem_and_layer1=model_cfg.freeze_stem_and_layer1,
                         dilation=model_cfg.dilation,
-                        return_all_levels=model_cfg.num_feature_levels > 1,
+                        num_levels=model_cfg.backbone_levels if model_cfg.num_feature_levels > 1 else 1,
                         width=model_cfg.backbone_width)
     if model_cfg.backbone_weights:
         load_torchvision_resnet_weights(backbone.body, model_cfg.backbone_weights)

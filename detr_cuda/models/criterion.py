@@ -71,8 +71,9 @@ class SetCriterion(nn.Module):
 
     forward(outputs, targets) -> dict of unweighted losses:
         loss_ce, loss_bbox, loss_giou (last decoder layer), the same with suffix ``_{i}`` for aux
-        layer i (aux_outputs), and ``_enc`` for the two-stage encoder proposals (class-agnostic:
-        every target label is 0); class_error (logging only);
+        layer i (aux_outputs), ``_enc`` for the two-stage encoder proposals (enc_outputs,
+        class-agnostic: every target label is 0), ``_interm`` for DINO's selected proposals
+        (interm_outputs, the real classes); class_error (logging only);
         on a DN step (``dn_meta`` in outputs): loss_dn_ce, loss_dn_bbox, loss_dn_giou and their
         ``_{i}`` for the aux layers, zeros for a batch without objects (dn_meta None).
     ``weight_dict`` maps every weighted key to its coefficient. Each layer is matched on its own
@@ -159,6 +160,8 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:
             binary_targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             sets.append((outputs["enc_outputs"], binary_targets, "_enc"))
+        if "interm_outputs" in outputs:
+            sets.append((outputs["interm_outputs"], targets, "_interm"))
         all_indices = self.matcher.match_sets([(predictions, set_targets) for predictions, set_targets, _ in sets],
                                               device=outputs["pred_logits"].device)
         losses = {}
@@ -176,7 +179,8 @@ def build_weight_dict(cfg):
     coefficients = (loss_cfg.cls_loss_coef, loss_cfg.bbox_loss_coef, loss_cfg.giou_loss_coef)
     aux_suffixes = [f"_{i}" for i in range(model_cfg.dec_layers - 1)] if model_cfg.aux_loss else []
     # The order is the order of the weighted sum: matched terms, then DN terms, layer by layer.
-    suffixes = [""] + aux_suffixes + (["_enc"] if model_cfg.two_stage else [])
+    encoder_suffix = "_interm" if model_cfg.query_type == "dino" else "_enc"
+    suffixes = [""] + aux_suffixes + ([encoder_suffix] if model_cfg.two_stage else [])
     weight_dict = {key + suffix: value for suffix in suffixes for key, value in zip(BASE_LOSS_KEYS, coefficients)}
     if cfg.dn.enabled:
         weight_dict.update({key + suffix: value for suffix in [""] + aux_suffixes

@@ -34,6 +34,7 @@ class DeformableDETR(nn.Module):
     learns_query_embed = True
     reference_eps = 1e-5                  # inverse_sigmoid clamp of the reference points (Deformable DETR's)
     training_only_prefixes = ()           # parameters unused at inference (none here)
+    encoder_output_key = "enc_outputs"    # where format_outputs puts the two-stage encoder predictions
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False):
@@ -61,6 +62,11 @@ class DeformableDETR(nn.Module):
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0.0)
 
+        self._attach_heads(transformer, with_box_refine, two_stage)
+
+    def _attach_heads(self, transformer, with_box_refine, two_stage):
+        """Turns the freshly initialised ``class_embed`` / ``bbox_embed`` into the per-layer head
+        lists (see the class docstring) and gives the decoder the ones it uses."""
         decoder = transformer.decoder
         num_pred = decoder.num_layers + 1 if two_stage else decoder.num_layers
         if with_box_refine:
@@ -141,8 +147,8 @@ class DeformableDETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": logits, "pred_boxes": boxes}
                                   for logits, boxes in zip(outputs_class[:-1], outputs_coord[:-1])]
         if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_outputs_class,
-                                  "pred_boxes": enc_outputs_coord_unact.sigmoid()}
+            out[self.encoder_output_key] = {"pred_logits": enc_outputs_class,
+                                            "pred_boxes": enc_outputs_coord_unact.sigmoid()}
         return out
 
     def learned_queries(self):

@@ -15,7 +15,13 @@ on ``query_type`` and ``two_stage``; each builds only the modules it uses:
                                 (DAB / DN-Deformable-DETR); position recomputed from the anchors
                                 at every decoder layer (anchor_decoder.py)
     "anchor", two-stage         learned content and the top-k encoder proposals as anchors
-                                (DINO's mixed query selection)
+                                (mixed query selection on Deformable DETR's two-stage heads)
+    "dino" (two-stage only)     DINO: learned content ``tgt_embed`` (Q, C), owned here and passed
+                                in by the detector; anchors = the top-k encoder proposals ranked
+                                by their best class logit, scored by the transformer's own
+                                ``enc_out_class_embed`` / ``enc_out_bbox_embed`` (attached by the
+                                detector); DINO's decoder (anchor_decoder.py: no query_scale, a
+                                final norm, look forward twice)
 
 Hooks for DN training (the published path is unchanged when they are unused): ``prefix_queries``
 are decoded before the matching queries, ``self_attn_mask`` keeps them apart.
@@ -32,7 +38,7 @@ from .deformable_decoder import DeformableTransformerDecoder, DeformableTransfor
 from .deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
 from .position_encoding import sine_features
 
-QUERY_TYPES = ("deformable", "anchor")
+QUERY_TYPES = ("deformable", "anchor", "dino")
 
 
 def valid_ratios(mask):
@@ -55,7 +61,8 @@ class DeformableTransformer(nn.Module):
     forward(srcs, masks, pos_embeds, queries=None, prefix_queries=None, self_attn_mask=None)
     -> (hs (D, B, N+Q, C), init_reference (B, N+Q, 2|4), inter_references (D, B, N+Q, 2|4),
         enc_outputs_class (B, S, K) or None, enc_outputs_coord_unact (B, S, 4) or None),
-    N = the prefix (DN) queries, 0 without them.
+    N = the prefix (DN) queries, 0 without them. With query_type "dino" the two encoder outputs
+    are those of the Q selected proposals only, (B, Q, K) and (B, Q, 4) (see :meth:`top_proposals`).
     """
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
@@ -75,8 +82,13 @@ class DeformableTransformer(nn.Module):
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                           nhead, dec_n_points, msda_backend)
+        if query_type == "dino" and not two_stage:
+            raise ValueError("query_type 'dino' selects its anchors from the encoder: it needs two_stage=True")
         if query_type == "anchor":
             self.decoder = AnchorDeformableDecoder(decoder_layer, num_decoder_layers, d_model)
+        elif query_type == "dino":
+            self.decoder = AnchorDeformableDecoder(decoder_layer, num_decoder_layers, d_model, query_scale=False,
+                                                   final_norm=True, look_forward_twice=True)
         else:
             self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -88,6 +100,10 @@ class DeformableTransformer(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
         if not two_stage and query_type == "deformable":
             self.reference_points = nn.Linear(d_model, 2)
+        if query_type == "dino":
+            self.tgt_embed = nn.Embedding(two_stage_num_proposals, d_model)
+            self.enc_out_class_embed = None   # the detector attaches DINO's proposal heads
+            self.enc_out_bbox_embed = None
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -165,27 +181,44 @@ class DeformableTransformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         return output_memory, output_proposals
 
-    def top_proposals(self, encoded):
-        """Two-stage: score every encoder token as a proposal and keep the top-k.
+    def proposal_heads(self):
+        """(class head, box head) scoring the encoder's proposals: DINO's ``enc_out_class_embed`` /
+        ``enc_out_bbox_embed``, else the detector's extra head pair (index D of its head lists)."""
+        if self.query_type == "dino":
+            if self.enc_out_class_embed is None or self.enc_out_bbox_embed is None:
+                raise ValueError("query_type 'dino': the detector must attach enc_out_class_embed and "
+                                 "enc_out_bbox_embed to the transformer")
+            return self.enc_out_class_embed, self.enc_out_bbox_embed
+        head_index = self.decoder.num_layers
+        return self.decoder.class_embed[head_index], self.decoder.bbox_embed[head_index]
 
-        Returns enc_outputs_class (B, S, K), enc_outputs_coord_unact (B, S, 4) box logits
-        (float32), and the top-k box logits (B, k, 4), detached, ranked by the first class
-        logit (the encoder head is trained class-agnostically).
+    def top_proposals(self, encoded):
+        """Two-stage: score every encoder token as a proposal and keep the top-k (k = Q).
+
+        Returns (proposal logits, proposal box logits (float32), top-k box logits (B, k, 4)
+        detached). Deformable DETR ranks by the first class logit (its encoder head is trained
+        class-agnostically) and returns every token's logits (B, S, K) and box logits (B, S, 4);
+        DINO ranks by the best class logit and returns those of the k selected tokens, (B, k, K)
+        and (B, k, 4) undetached: its encoder loss is on them, with the real classes.
         """
         memory = encoded["memory"]
         output_memory, output_proposals = self.gen_encoder_output_proposals(
             memory, encoded["mask"], encoded["spatial_shapes"])
-        head_index = self.decoder.num_layers
-        enc_outputs_class = self.decoder.class_embed[head_index](output_memory)
-        enc_outputs_coord_unact = self.decoder.bbox_embed[head_index](output_memory).float() + output_proposals
+        class_head, box_head = self.proposal_heads()
+        enc_outputs_class = class_head(output_memory)
+        enc_outputs_coord_unact = box_head(output_memory).float() + output_proposals
         topk = self.two_stage_num_proposals
         if topk > memory.shape[1]:
             raise ValueError(f"two-stage selects {topk} proposals (model.num_queries) but the encoder has only "
                              f"{memory.shape[1]} tokens; use larger images or fewer queries")
-        topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
-        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1,
-                                         topk_proposals.unsqueeze(-1).repeat(1, 1, 4)).detach()
-        return enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact
+        dino = self.query_type == "dino"
+        scores = enc_outputs_class.amax(-1) if dino else enc_outputs_class[..., 0]
+        topk_proposals = torch.topk(scores, topk, dim=1)[1].unsqueeze(-1)
+        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.repeat(1, 1, 4))
+        if dino:
+            topk_class = torch.gather(enc_outputs_class, 1, topk_proposals.repeat(1, 1, enc_outputs_class.shape[-1]))
+            return topk_class, topk_coords_unact, topk_coords_unact.detach()
+        return enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact.detach()
 
     # -- query selection ---------------------------------------------------------------------------
     def select_queries(self, encoded, queries):
@@ -193,14 +226,14 @@ class DeformableTransformer(nn.Module):
         computes it), reference_points (B, Q, 2|4) in sigmoid space, enc_outputs_class,
         enc_outputs_coord_unact) for ``query_type`` and ``two_stage`` (module docstring).
 
-        queries: "deformable": query_embed (Q, 2C), None in two-stage; "anchor": (content (Q, C),
-        anchor logits (Q, 4) or None in two-stage).
+        queries: "deformable": query_embed (Q, 2C), None in two-stage; "anchor" and "dino": (content
+        (Q, C), anchor logits (Q, 4) or None in two-stage).
         """
         batch = encoded["memory"].shape[0]
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
             enc_outputs_class, enc_outputs_coord_unact, topk_coords_unact = self.top_proposals(encoded)
-        if self.query_type == "anchor":
+        if self.query_type in ("anchor", "dino"):
             content, anchors = queries
             tgt = content.unsqueeze(0).expand(batch, -1, -1)
             if self.two_stage:

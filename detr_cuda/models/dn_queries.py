@@ -139,17 +139,18 @@ def build_dn_attn_mask(gt_counts, single_pad, group_size, num_groups, num_querie
     return mask
 
 
-def prepare_dn_queries(targets, label_enc, num_classes, num_queries, dn_cfg, generator=None):
+def prepare_dn_queries(targets, label_enc, num_classes, num_queries, dn_cfg, generator=None, indicator=True):
     """Noised ground-truth queries for one training batch.
 
     Args:
         targets: list of B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) cxcywh in [0, 1].
-        label_enc: nn.Embedding(num_classes + 1, hidden_dim - 1); the DN indicator 1 is appended.
+        label_enc: nn.Embedding(num_classes + 1, hidden_dim - 1) with ``indicator`` (DN-DETR: the DN
+            indicator 1 is appended), nn.Embedding(num_classes + 1, hidden_dim) without (DINO).
         num_queries: number of matching queries that follow the DN block.
         dn_cfg: DNConfig (dn_groups, label_noise_ratio, box_noise_scale, contrastive, max_dn_queries).
     Returns:
         None when no image in the batch has an object, else a dict:
-            ``content`` (B, P, hidden_dim): label embedding + indicator 1; zeros at padded slots.
+            ``content`` (B, P, hidden_dim): label embedding (+ indicator 1); zeros at padded slots.
             ``boxes`` (B, P, 4) noised cxcywh boxes in [0, 1]; 0.5 at padded slots.
             ``attn_mask`` (B, P + num_queries, P + num_queries) bool, True = blocked.
             ``dn_meta``: ``num_dn_queries`` P, ``num_groups``, ``single_pad``, ``group_size``,
@@ -191,7 +192,8 @@ def prepare_dn_queries(targets, label_enc, num_classes, num_queries, dn_cfg, gen
         all_image, all_slot, all_labels, all_boxes = pos_image, pos_slot, pos_labels, pos_boxes
 
     embedded = label_enc(all_labels)
-    embedded = torch.cat([embedded, embedded.new_ones(len(embedded), 1)], dim=-1)
+    if indicator:
+        embedded = torch.cat([embedded, embedded.new_ones(len(embedded), 1)], dim=-1)
     content = embedded.new_zeros(batch_size, num_dn, embedded.shape[-1])
     content = content.index_put((all_image, all_slot), embedded)
     dn_boxes = all_boxes.new_full((batch_size, num_dn, 4), 0.5)

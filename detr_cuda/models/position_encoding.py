@@ -21,7 +21,8 @@ class PositionEmbeddingSine(nn.Module):
     channels are the y encoding then the x encoding, each interleaved
     (sin, cos, sin, cos, ...). Coordinates are the 1-based cumulative count of
     unpadded pixels minus 0.5 (Deformable DETR's offset; DETR has none),
-    divided by the valid extent and multiplied by ``scale`` (2*pi).
+    divided by the valid extent and multiplied by ``scale`` (2*pi). DINO uses offset 0 and
+    temperature 20 (``model.position_offset``, ``model.position_temperature``).
     """
 
     def __init__(self, num_pos_feats=128, temperature=10000, normalize=True, scale=2 * math.pi, offset=-0.5):
@@ -49,4 +50,5 @@ def build_position_encoding(cfg):
     hidden_dim = cfg.model.hidden_dim
     if hidden_dim % 2 != 0:
         raise ValueError(f"model.hidden_dim must be even for the sine position encoding, got {hidden_dim}")
-    return PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+    return PositionEmbeddingSine(hidden_dim // 2, temperature=cfg.model.position_temperature, normalize=True,
+                                 offset=cfg.model.position_offset)

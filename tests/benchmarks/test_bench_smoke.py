@@ -14,7 +14,7 @@ def test_bench_dn_prints_a_row_per_variant(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["DN off", "DN on", "contrastive DN"]
+    assert [row.split("|")[1].strip() for row in rows] == ["DN off", "DN on", "contrastive DN", "DINO"]
 
 
 def test_bench_model_measures_every_precision(tmp_path):

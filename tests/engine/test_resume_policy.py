@@ -7,8 +7,8 @@ import torch
 
 from detr_cuda.checkpoint import save_atomic
 from detr_cuda.config import config_to_dict, load_config
-from detr_cuda.engine.resume import (ResumeConfigMismatch, TrainState, capture_rng_state, config_changes,
-                                     restore_rng_state, world_size_change_message)
+from detr_cuda.engine.resume import (ResumeConfigMismatch, TrainState, capture_rng_state, comparable,
+                                     config_changes, restore_rng_state, world_size_change_message)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -32,6 +32,17 @@ def test_config_changes_are_sorted_into_harmless_effective_and_fixed():
     d = load_config(None, ["model.hidden_dim=128", "train.batch_size=4"])
     assert config_changes(config_to_dict(a), config_to_dict(d))[2] == ["model.hidden_dim: 256 -> 128",
                                                                         "train.batch_size: 2 -> 4"]
+
+
+def test_fields_a_saved_config_lacks_count_as_their_defaults():
+    """A run started before model.backbone_levels and the position-encoding fields existed resumes."""
+    current = config_to_dict(load_config(None, []))
+    older = config_to_dict(load_config(None, []))
+    for field in ("backbone_levels", "position_temperature", "position_offset"):
+        del older["model"][field]
+    assert config_changes(comparable(older), comparable(current)) == ([], [], [])
+    dino = config_to_dict(load_config(None, ["model.position_temperature=20"]))
+    assert config_changes(comparable(older), comparable(dino))[2] == ["model.position_temperature: 10000.0 -> 20.0"]
 
 
 def test_world_size_change_warning_says_what_changes():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.support.configs import tiny_detector_config
+from tests.support.configs import DINO, tiny_detector_config
 
 from detr_cuda.inference.export import compare_onnx, export_onnx
 from detr_cuda.models import build_model
@@ -15,7 +15,8 @@ HEIGHT, WIDTH = 64, 96
 
 
 VARIANTS = {"single_stage": [], "two_stage_refine": ["model.with_box_refine=true", "model.two_stage=true"],
-            "dn_anchor_refine": ["model.with_box_refine=true", "model.query_type=anchor", "dn.enabled=true"]}
+            "dn_anchor_refine": ["model.with_box_refine=true", "model.query_type=anchor", "dn.enabled=true"],
+            "dino": DINO}
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -41,11 +41,11 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval():
 
 
 def test_resnet_levels_and_strides():
-    for name, channels in (("resnet18", [128, 256, 512]), ("resnet50", [512, 1024, 2048])):
+    for name, channels in (("resnet18", [64, 128, 256, 512]), ("resnet50", [256, 512, 1024, 2048])):
         body = ResNet(name)
         outputs = body(torch.zeros(1, 3, 64, 96))
         assert [o.shape[1] for o in outputs] == channels == body.num_channels
-        assert [tuple(o.shape[-2:]) for o in outputs] == [(8, 12), (4, 6), (2, 3)]
+        assert [tuple(o.shape[-2:]) for o in outputs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     dilated = ResNet("resnet50", dilation=True)
     assert dilated(torch.zeros(1, 3, 64, 96))[-1].shape[-2:] == (4, 6)
     assert dilated.layer4[1].conv2.dilation == (2, 2) and dilated.layer4[0].conv2.stride == (1, 1)

@@ -10,6 +10,8 @@ from detr_cuda.config import load_config
 from detr_cuda.models import build_model
 from detr_cuda.models.anchor_decoder import box_sine_embedding
 from detr_cuda.models.dn_queries import prepare_dn_queries
+from tests.support.models import fit, seeded_model
+from tests.support.official_layouts import official_dn_deformable_keys
 
 # Small enough for a CPU test: frozen ResNet-18, C5 only, 32 channels, 2 decoder layers.
 TINY_ANCHOR = ["model.backbone=resnet18", "model.train_backbone=false", "model.num_feature_levels=1",
@@ -18,22 +20,11 @@ TINY_ANCHOR = ["model.backbone=resnet18", "model.train_backbone=false", "model.n
                "model.enc_n_points=2", "model.dec_n_points=2", "model.query_type=anchor",
                "model.with_box_refine=true"]
 NUM_CLASSES = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: one thread is faster than two and immune to a busy machine's oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_anchor_model(*overrides, seed=0):
-    torch.manual_seed(seed)
-    cfg = load_config(None, TINY_ANCHOR + list(overrides))
-    model, criterion, _ = build_model(cfg, NUM_CLASSES)
-    return cfg, model, criterion
+    return seeded_model(TINY_ANCHOR + list(overrides), NUM_CLASSES, seed)
 
 
 def batch(gt_counts, size=64, seed=0):
@@ -68,71 +59,6 @@ def test_box_sine_embedding_follows_the_dab_formula():
                 angle = boxes[0, q, coord].item() * 2 * math.pi / 10000 ** (2 * (i // 2) / num_feats)
                 expected = math.sin(angle) if i % 2 == 0 else math.cos(angle)
                 assert embedded[0, q, block * num_feats + i].item() == pytest.approx(expected, abs=1e-5)
-
-
-def official_dn_deformable_keys(num_classes=91, hidden=256, ffn=2048, layers=6, queries=300, levels=4,
-                                heads=8, points=4, backbone_channels=(512, 1024, 2048)):
-    """Non-backbone state-dict keys and shapes of the official DN-DAB-Deformable-DETR
-    (anchors-code.md sections 6.2 and 6.4), written out from the published rules."""
-    keys = {"transformer.level_embed": (levels, hidden)}
-
-    def linear(prefix, out_features, in_features):
-        keys[prefix + ".weight"] = (out_features, in_features)
-        keys[prefix + ".bias"] = (out_features,)
-
-    def norm(prefix):
-        keys[prefix + ".weight"] = (hidden,)
-        keys[prefix + ".bias"] = (hidden,)
-
-    def msda(prefix):
-        linear(prefix + ".sampling_offsets", heads * levels * points * 2, hidden)
-        linear(prefix + ".attention_weights", heads * levels * points, hidden)
-        linear(prefix + ".value_proj", hidden, hidden)
-        linear(prefix + ".output_proj", hidden, hidden)
-
-    def box_head(prefix):
-        linear(prefix + ".layers.0", hidden, hidden)
-        linear(prefix + ".layers.1", hidden, hidden)
-        linear(prefix + ".layers.2", 4, hidden)
-
-    for i in range(layers):
-        prefix = f"transformer.encoder.layers.{i}"
-        msda(prefix + ".self_attn")
-        norm(prefix + ".norm1")
-        linear(prefix + ".linear1", ffn, hidden)
-        linear(prefix + ".linear2", hidden, ffn)
-        norm(prefix + ".norm2")
-    for i in range(layers):
-        prefix = f"transformer.decoder.layers.{i}"
-        msda(prefix + ".cross_attn")
-        norm(prefix + ".norm1")
-        keys[prefix + ".self_attn.in_proj_weight"] = (3 * hidden, hidden)
-        keys[prefix + ".self_attn.in_proj_bias"] = (3 * hidden,)
-        linear(prefix + ".self_attn.out_proj", hidden, hidden)
-        norm(prefix + ".norm2")
-        linear(prefix + ".linear1", ffn, hidden)
-        linear(prefix + ".linear2", hidden, ffn)
-        norm(prefix + ".norm3")
-    linear("transformer.decoder.query_scale.layers.0", hidden, hidden)
-    linear("transformer.decoder.query_scale.layers.1", hidden, hidden)
-    linear("transformer.decoder.ref_point_head.layers.0", hidden, 2 * hidden)
-    linear("transformer.decoder.ref_point_head.layers.1", hidden, hidden)
-    for j in range(layers):
-        box_head(f"transformer.decoder.bbox_embed.{j}")
-        box_head(f"bbox_embed.{j}")
-        linear(f"class_embed.{j}", num_classes, hidden)
-    keys["label_enc.weight"] = (num_classes + 1, hidden - 1)
-    keys["tgt_embed.weight"] = (queries, hidden - 1)
-    keys["refpoint_embed.weight"] = (queries, 4)
-    for level, channels in enumerate(backbone_channels):
-        keys[f"input_proj.{level}.0.weight"] = (hidden, channels, 1, 1)
-        keys[f"input_proj.{level}.0.bias"] = (hidden,)
-    for level in range(len(backbone_channels), levels):
-        keys[f"input_proj.{level}.0.weight"] = (hidden, backbone_channels[-1] if level == 3 else hidden, 3, 3)
-        keys[f"input_proj.{level}.0.bias"] = (hidden,)
-    for level in range(levels):
-        norm(f"input_proj.{level}.1")
-    return keys
 
 
 def test_parameter_names_match_the_official_dn_deformable_detr_release():
@@ -302,17 +228,7 @@ def test_zero_noise_dn_losses_far_below_matching_losses_after_training():
 @pytest.mark.parametrize("contrastive", [False, True])
 def test_tiny_dn_model_overfits_a_few_images(contrastive):
     cfg, model, criterion = tiny_anchor_model("dn.enabled=true", f"dn.contrastive={str(contrastive).lower()}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    model.train()
-    images, mask, targets = batch([2, 1])
-    history = []
-    for _ in range(120):
-        losses = criterion(model(images, mask, targets), targets)
-        total = weighted(criterion, losses, dn=False) + weighted(criterion, losses, dn=True)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append(total.item())
+    history = fit(model, criterion, *batch([2, 1]), steps=120)
     assert all(math.isfinite(value) for value in history)
     start, end = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert end < start / 5, (start, end)

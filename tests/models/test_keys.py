@@ -3,16 +3,20 @@
 The expected lists are written from the published architecture (anchors-code.md
 section 6.2 and torchvision's ResNet-50 layout, section 6.3), not dumped from our model.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
 from detr_cuda.config import load_config
 from detr_cuda.models import build_model
+from tests.support.official_layouts import official_dino_keys
 
 D = 256          # hidden dim
 FFN = 1024
 LAYERS = 6
 CLASSES = 91
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def resnet50_keys():
@@ -143,3 +147,25 @@ def test_parameter_counts_match_the_published_sizes():
     assert round(counts["deformable"]) == 40
     assert round(counts["box_refine"]) == 41
     assert round(counts["single_scale"]) == 34
+
+
+@pytest.mark.parametrize("config_name, levels, backbone_channels", [
+    ("dino_4scale.yaml", 4, (512, 1024, 2048)),
+    ("dino_5scale.yaml", 5, (256, 512, 1024, 2048)),
+])
+def test_dino_state_dict_matches_the_official_release(config_name, levels, backbone_channels):
+    """Keys and shapes of IDEA-Research/DINO's dino model at its defaults (checkpoint0011_4scale.pth and
+    its 5-scale sibling; tests/support/official_layouts.py says where each key comes from), and the
+    published size: 47M parameters for both."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(load_config(CONFIGS / config_name), num_classes=CLASSES)
+    state = model.state_dict()
+    expected = official_dino_keys(levels=levels, backbone_channels=backbone_channels)
+    expected.update({"backbone.0.body." + k: v for k, v in resnet50_keys().items()})
+    assert sorted(set(expected) - set(state)) == []
+    assert sorted(set(state) - set(expected)) == []
+    assert {k: (tuple(state[k].shape), v) for k, v in expected.items() if tuple(state[k].shape) != v} == {}
+    # One head pair shared by every decoder layer (official dec_pred_*_embed_share), copies for the proposals.
+    assert model.class_embed[0] is model.class_embed[5] is model.transformer.decoder.class_embed[3]
+    assert model.transformer.enc_out_class_embed is not model.class_embed[0]
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 47

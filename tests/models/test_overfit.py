@@ -1,19 +1,9 @@
 """A tiny model must fit a handful of generated images: the training loss falls by a large factor."""
-import pytest
 import torch
 
 from detr_cuda.models import build_model
 from tests.support.configs import tiny_model_config
 from tests.support.models import rectangle_images, total_loss
-
-
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one thread is faster than two and immune to a busy machine's oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_tiny_model_overfits_generated_rectangles(one_thread):

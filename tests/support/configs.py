@@ -42,6 +42,13 @@ VARIANTS = {
 }
 
 
+# DINO (models/dino.py) on top of any of the tiny configs: its queries, decoder, position encoding
+# and contrastive DN (a small DN budget: the tiny models have few queries).
+DINO = ["model.query_type=dino", "model.with_box_refine=true", "model.two_stage=true",
+        "model.position_temperature=20", "model.position_offset=0", "loss.cls_loss_coef=1",
+        "dn.enabled=true", "dn.contrastive=true", "dn.max_dn_queries=24", "dn.label_noise_ratio=0.25"]
+
+
 def tiny_model_config(*overrides):
     return load_config(None, MODEL_TINY + list(overrides))
 

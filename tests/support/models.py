@@ -1,5 +1,16 @@
-"""Inputs for the in-process model tests: padded image batches, targets, the weighted loss."""
+"""Inputs for the in-process model tests: padded image batches, targets, the weighted loss, seeded models."""
 import torch
+
+from detr_cuda.config import load_config
+from detr_cuda.models import build_model
+
+
+def seeded_model(overrides, num_classes, seed=0):
+    """(cfg, model, criterion) of the config made of ``overrides``, built after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    cfg = load_config(None, list(overrides))
+    model, criterion, _ = build_model(cfg, num_classes)
+    return cfg, model, criterion
 
 def padded_batch(sizes, seed=0):
     """Images of different (h, w) zero-padded to the largest: (images, padding_mask, sizes)."""
@@ -27,6 +38,21 @@ def random_targets(counts, num_classes, seed=0):
 
 def total_loss(criterion, losses):
     return sum(losses[k] * criterion.weight_dict[k] for k in criterion.weight_dict if k in losses)
+
+
+def fit(model, criterion, images, mask, targets, steps, lr=2e-3):
+    """AdamW on one fixed batch (targets passed to the model: DN models build their DN queries) for
+    ``steps`` steps; returns the weighted total loss (DN terms included) of every step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    history = []
+    for _ in range(steps):
+        loss = total_loss(criterion, criterion(model(images, mask, targets), targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return history
 
 
 def rectangle_images(count, size=64, seed=0):
