@@ -12,6 +12,7 @@ from detr_cuda.categories import CategoryMap, COCO_CATEGORY_NAMES
 from detr_cuda.models import build_model
 from tests.support.configs import DINO, VARIANTS, tiny_model_config
 from tests.support.models import padded_batch
+from tests.support.pickles import Payload
 from tests.support.official_layouts import official_dino_file
 
 COCO_IDS = sorted(COCO_CATEGORY_NAMES)
@@ -76,16 +77,6 @@ def test_official_style_checkpoint_loads(tmp_path):
     ckpt_io.load_for_inference(fresh, path)
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
-
-
-class Payload:
-    """Pickles as a call of os.system: what a malicious checkpoint carries."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_a_file_whose_pickle_would_run_code_is_refused_without_running_it(tmp_path):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.support.pickles import Payload
 from tests.support.paths import coco128_dir
 from tests.support.configs import RUN_TINY
 from tests.support.launch import BASE_CONFIG, EVAL, TRAIN, env, run
@@ -172,14 +173,6 @@ def test_dataset_problems_are_one_line_errors(tmp_path, case, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     if case == "all_missing":
         assert "the image folder is probably the wrong one" in result.stderr
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_by_every_tool(tmp_path):
