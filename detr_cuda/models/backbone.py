@@ -232,11 +232,19 @@ class Backbone(nn.Module):
         self.num_channels = self.body.num_channels if return_all_levels else self.body.num_channels[-1:]
 
     def forward(self, images, padding_mask):
+        channels_last = images.device.type == "cpu"
+        if channels_last:
+            # oneDNN convolves NHWC directly; NCHW costs it a reorder in and out of every convolution.
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.body(images)
         if not self.return_all_levels:
             features = features[-1:]
         outputs = []
         for feature in features:
+            if channels_last:
+                # Back to NCHW for the rest of the model: torch's channels-last GroupNorm kernel (the
+                # input projections') loses precision on small maps (10x the NCHW kernel's error).
+                feature = feature.contiguous()
             mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
             outputs.append((feature, mask))
         return outputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detr_cuda.models import build_model
-from detr_cuda.models.backbone import (Bottleneck, FrozenBatchNorm2d, ResNet, conv_frozen_bn,
+from detr_cuda.models.backbone import (Backbone, Bottleneck, FrozenBatchNorm2d, ResNet, conv_frozen_bn,
                                      load_torchvision_resnet_weights)
 from tests.models.test_keys import resnet50_keys
 from tests.support.configs import tiny_model_config
@@ -132,3 +132,19 @@ def test_resnet_with_folded_bn_equals_the_plain_formula(name):
             model.layer1[0].conv1.weight.mul_(2)
             model.layer2[0].bn1.running_var.mul_(3)
     check()
+
+
+def test_cpu_backbone_runs_channels_last_with_the_same_features(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    backbone = Backbone("resnet18", width=8)
+    images = torch.randn(2, 3, 64, 80, generator=generator)
+    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    body_inputs = []
+    monkeypatch.setattr(backbone.body, "forward", lambda x, run=backbone.body.forward: body_inputs.append(x) or run(x))
+    outputs = backbone(images, mask)
+    assert not body_inputs[0].is_contiguous() and body_inputs[0].is_contiguous(memory_format=torch.channels_last)
+    for (feature, feature_mask), plain in zip(outputs, backbone.body(images)):
+        assert feature.is_contiguous()  # the rest of the model gets NCHW, as before
+        torch.testing.assert_close(feature, plain, rtol=1e-5, atol=1e-5)
+        assert feature_mask.shape == (2,) + feature.shape[-2:]
