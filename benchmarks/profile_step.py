@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_model import NUM_CLASSES, coco128_dir, describe_run, load_image  # noqa: E402
+from bench_infer import coco128_dir, load_image  # noqa: E402
+from bench_setup import NUM_CLASSES, describe_run  # noqa: E402
 from detr_cuda.config import load_config  # noqa: E402
 from detr_cuda.models import build_model  # noqa: E402
 from detr_cuda.data.coco import CocoDetection  # noqa: E402

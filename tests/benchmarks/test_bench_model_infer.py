@@ -48,7 +48,7 @@ def test_default_image_is_the_coco128_one_nearest_800x1333(tmp_path, monkeypatch
         {"images": [{"file_name": n, "height": h, "width": w} for n, h, w in entries]}))
     monkeypatch.setenv("DETR_CUDA_COCO128", str(folder))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_model", BENCH)
+    spec = importlib.util.spec_from_file_location("bench_infer", os.path.join(ROOT, "benchmarks", "bench_infer.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = argparse.Namespace(image=None, short_side=800, max_size=1333)
