@@ -2,7 +2,6 @@
 resizes it; ms/image and peak memory of one backend in this process (the parent runs each in its own)."""
 import json
 import os
-import tempfile
 import time
 
 import torch
@@ -61,30 +60,47 @@ def load_image(args):
         f"{os.path.basename(path)} {image.height}x{image.width} resized to {height}x{width}"
 
 
+def export_onnx_model(args, folder):
+    """Our ONNX export (reference op inside) of the model that measure_infer builds, into ``folder``;
+    made by the parent process, so that the onnx row's process never holds the torch model."""
+    from detr_cuda.inference.export import export_onnx
+    images, _, _ = load_image(args)
+    model, _ = build(args, args.variants[0], "reference", "cpu")
+    model.eval()
+    path = os.path.join(folder, "model.onnx")
+    export_onnx(model, path, images.shape[-2], images.shape[-1])
+    return path
+
+
+def inference_function(args, backend, images, mask):
+    """A function running one forward of ``backend``: our model on an MSDeformAttn backend, the same
+    model under torch.compile ("compiled": inductor with frozen weights, cpu kernel, this image
+    size only; the warm-up runs pay the compilation), or onnxruntime on args.onnx_model."""
+    if backend == "onnx":
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(args.onnx_model, options, providers=["CPUExecutionProvider"])
+        feeds = {"images": images.numpy(), "padding_mask": mask.numpy()}
+        return lambda: session.run(["pred_logits", "pred_boxes"], feeds)
+    model, _ = build(args, args.variants[0], "cpu" if backend == "compiled" else backend, args.device)
+    model.eval()
+    if backend == "compiled":
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True  # weights as constants: packed GEMM/conv weights, folded ops
+        model = torch.compile(model, dynamic=False)
+
+    def forward():
+        with torch.no_grad():
+            model(images, mask)
+    return forward
+
+
 def measure_infer(args, backend):
     device, variant = args.device, args.variants[0]
     images, mask, description = load_image(args)
     images, mask = images.to(device), mask.to(device)
-    model, _ = build(args, variant, "reference" if backend == "onnx" else backend, device)
-    model.eval()
-    if backend == "onnx":
-        import onnxruntime
-        from detr_cuda.inference.export import export_onnx
-        path = os.path.join(tempfile.mkdtemp(prefix="bench_model_"), "model.onnx")
-        export_onnx(model, path, images.shape[-2], images.shape[-1])
-        del model  # only onnxruntime's copy of the weights stays resident
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds = {"images": images.numpy(), "padding_mask": mask.numpy()}
-
-        def forward():
-            session.run(["pred_logits", "pred_boxes"], feeds)
-    else:
-        def forward():
-            with torch.no_grad():
-                model(images, mask)
-
+    forward = inference_function(args, backend, images, mask)
     with operator_for(backend, args.baseline):
         for _ in range(args.warmup):
             forward()

@@ -12,7 +12,10 @@
   --mode infer            inference, batch 1 of a real image resized as evaluation does
                           (val_short_side 800 / val_max_size 1333: an 800x1333-like canvas),
                           ms/image and peak memory: our kernel, the reference op and, on the CPU,
-                          our ONNX export under onnxruntime, each in its own subprocess.
+                          our ONNX export under onnxruntime (exported by this process, so the
+                          measured one never holds the torch model), each in its own subprocess;
+                          "compiled" (not by default) is the cpu-kernel model under torch.compile
+                          with frozen weights, compiled for this image size in the warm-up.
 
     python benchmarks/bench_model.py                         # GPU if present: R50, 2 images
                                                              # 800x1199 + 800x1333, fp32 and bf16
@@ -20,6 +23,7 @@
     python benchmarks/bench_model.py --device cpu            # small config, float32
     python benchmarks/bench_model.py --mode syncs --device cpu --variants deformable two_stage dn
     python benchmarks/bench_model.py --mode infer --device cpu
+    python benchmarks/bench_model.py --mode infer --device cpu --backends cpu compiled onnx --warmup 2
 
 Model presets: "published" (the default config: R50, 6+6 layers, hidden 256, 300 queries) and
 "small" (ResNet-18, hidden 128, 2+2 layers, FFN 256, 100 queries). train and syncs use published
@@ -29,7 +33,8 @@ replaces the image sizes (train, syncs) and --short-side / --max-size the resize
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps (after a reset); on
 the CPU the process's peak resident set during the timed steps (VmHWM, reset after warm-up
 through /proc/self/clear_refs; where that is impossible, the whole process's ru_maxrss) and, in
-infer mode, that peak minus the resident set before the timed runs ("working MiB").
+infer mode, that peak minus the resident set before the timed runs ("working MiB"). Every
+process runs with glibc's default malloc settings, as a user's would.
 --baseline PATH imports an already built original extension by path; this script never builds
 it (benchmarks/original_kernel.py says what it relies on).
 """
@@ -39,13 +44,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_infer import measure_infer, print_infer_table  # noqa: E402
+from bench_infer import export_onnx_model, measure_infer, print_infer_table  # noqa: E402
 from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, autocast, batch_sizes, build, cpu_peak_mib,  # noqa: E402
                          describe_run, device_name, make_batch, operator_for, parse_size, reset_cpu_peak,
                          synchronize, total_loss)
@@ -200,6 +206,8 @@ def child_command(args, backend, amp):
         command += ["--baseline", args.baseline]
     if args.image:
         command += ["--image", args.image]
+    if backend == "onnx":
+        command += ["--onnx-model", args.onnx_model]
     return command
 
 
@@ -226,7 +234,7 @@ def main():
                         help="train/syncs image sizes, one per image of the batch (default: the preset's)")
     parser.add_argument("--backends", nargs="*",
                         help="default: every backend available on the device (+ onnx in CPU infer mode, + original "
-                             "on cuda with --baseline); syncs takes the first")
+                             "on cuda with --baseline); infer also takes compiled; syncs takes the first")
     parser.add_argument("--baseline", metavar="PATH",
                         help="an already built original Deformable DETR extension (.so), run as backend 'original'")
     parser.add_argument("--iterations", type=int, default=None, help="timed steps (default 10 cuda, 3 cpu)")
@@ -241,6 +249,7 @@ def main():
     parser.add_argument("--sites", type=int, default=12, help="syncs: call sites listed per scope")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    parser.add_argument("--onnx-model", help=argparse.SUPPRESS)  # internal: the parent's export, for --single onnx
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
@@ -263,16 +272,12 @@ def main():
         rows = run_syncs(args)
     else:
         backends = args.backends or default_backends(args)
-        environment = dict(os.environ)
-        if args.mode == "infer":
-            # A fixed mmap threshold makes glibc hand large freed blocks back, so the resident set
-            # follows what is allocated (and the onnx row does not carry the freed torch model).
-            environment["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        if args.mode == "infer" and "onnx" in backends:
+            args.onnx_model = export_onnx_model(args, tempfile.mkdtemp(prefix="bench_model_"))
         rows = []
         for amp in (precisions if args.mode == "train" else ["none"]):
             for backend in backends:
-                result = subprocess.run(child_command(args, backend, amp), capture_output=True, text=True,
-                                        env=environment)
+                result = subprocess.run(child_command(args, backend, amp), capture_output=True, text=True)
                 if result.returncode != 0:
                     print(f"{backend} amp={amp}: failed\n{result.stderr[-3000:]}", file=sys.stderr)
                     failed = True

@@ -38,6 +38,19 @@ def test_infer_mode_gives_a_row_per_backend(tmp_path):
     assert "inference, batch 1" in completed.stdout and "onnx" in completed.stdout
 
 
+def test_compiled_row_runs_the_model_under_torch_compile(tmp_path):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (48, 32), (20, 130, 60)).save(image)
+    out = tmp_path / "rows.json"
+    completed = subprocess.run(
+        [sys.executable, BENCH, "--mode", "infer", "--device", "cpu", "--set", *TINY, "--image", str(image),
+         "--short-side", "32", "--max-size", "64", "--iterations", "1", "--warmup", "1", "--threads", "1",
+         "--backends", "compiled", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["backend"] for row in rows] == ["compiled"] and rows[0]["ms_per_image"] > 0
+
+
 def test_default_image_is_the_coco128_one_nearest_800x1333(tmp_path, monkeypatch):
     folder = tmp_path / "coco128"
     (folder / "images").mkdir(parents=True)
