@@ -12,7 +12,10 @@
   --mode infer            inference, batch 1 of a real image resized as evaluation does
                           (val_short_side 800 / val_max_size 1333: an 800x1333-like canvas),
                           ms/image and peak memory: our kernel, the reference op and, on the CPU,
-                          our ONNX export under onnxruntime, each in its own subprocess.
+                          our ONNX export under onnxruntime (exported by this process, so the
+                          measured one never holds the torch model), each in its own subprocess;
+                          "compiled" (not by default) is the cpu-kernel model under torch.compile
+                          with frozen weights, compiled for this image size in the warm-up.
 
     python benchmarks/bench_model.py                         # GPU if present: R50, 2 images
                                                              # 800x1199 + 800x1333, fp32 and bf16
@@ -20,6 +23,7 @@
     python benchmarks/bench_model.py --device cpu            # small config, float32
     python benchmarks/bench_model.py --mode syncs --device cpu --variants deformable two_stage dn
     python benchmarks/bench_model.py --mode infer --device cpu
+    python benchmarks/bench_model.py --mode infer --device cpu --backends cpu compiled onnx --warmup 2
 
 Model presets: "published" (the default config: R50, 6+6 layers, hidden 256, 300 queries) and
 "small" (ResNet-18, hidden 128, 2+2 layers, FFN 256, 100 queries). train and syncs use published
@@ -29,17 +33,15 @@ replaces the image sizes (train, syncs) and --short-side / --max-size the resize
 Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed steps (after a reset); on
 the CPU the process's peak resident set during the timed steps (VmHWM, reset after warm-up
 through /proc/self/clear_refs; where that is impossible, the whole process's ru_maxrss) and, in
-infer mode, that peak minus the resident set before the timed runs ("working MiB").
+infer mode, that peak minus the resident set before the timed runs ("working MiB"). Every
+process runs with glibc's default malloc settings, as a user's would.
 --baseline PATH imports an already built original extension by path; this script never builds
 it (benchmarks/original_kernel.py says what it relies on).
 """
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,134 +49,16 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from detr_cuda.config import load_config  # noqa: E402
-from detr_cuda.models import build_model  # noqa: E402
-from detr_cuda.ops import MSDeformAttn  # noqa: E402
+from bench_infer import export_onnx_model, measure_infer, print_infer_table  # noqa: E402
+from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, autocast, batch_sizes, build, cpu_peak_mib,  # noqa: E402
+                         describe_run, device_name, make_batch, operator_for, parse_size, reset_cpu_peak,
+                         synchronize, total_loss)
 from detr_cuda.ops.functional import available_backends  # noqa: E402
 from host_syncs import KINDS, HostSyncCounter, format_sites  # noqa: E402
-from original_kernel import check_calls, load_original, original_kernel_in_layers  # noqa: E402
 
-VARIANTS = {
-    "deformable": [],
-    "box_refine": ["model.with_box_refine=true"],
-    "two_stage": ["model.with_box_refine=true", "model.two_stage=true"],
-    "single_scale": ["model.num_feature_levels=1"],
-    # DN-DAB-Deformable-DETR: anchor queries, box refinement, denoising queries in training.
-    "dn": ["model.with_box_refine=true", "model.query_type=anchor", "dn.enabled=true"],
-}
-PRESETS = {
-    "published": {"overrides": [], "sizes": [(800, 1199), (800, 1333)]},
-    "small": {"overrides": ["model.backbone=resnet18", "model.hidden_dim=128", "model.enc_layers=2",
-                            "model.dec_layers=2", "model.dim_feedforward=256", "model.num_queries=100"],
-              "sizes": [(320, 416), (288, 448)]},
-}
 MODES = ("train", "syncs", "infer")
-NUM_CLASSES = 91
-
-
-# ----------------------------------------------------------------- set-up
-
-def autocast(device, amp):
-    """torch.autocast for amp in none / bf16 / fp16 (train.amp's values)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-
-def total_loss(losses, weight_dict):
-    """The training loss: sum of the weighted terms (as the training loop weights them)."""
-    return sum(losses[name] * weight for name, weight in weight_dict.items() if name in losses)
-
-
-def parse_size(text):
-    height, _, width = text.lower().partition("x")
-    return int(height), int(width)
-
-
-def model_config(args, variant):
-    preset = PRESETS[args.preset]
-    return load_config(None, preset["overrides"] + VARIANTS[variant] + list(args.set))
-
-
-def batch_sizes(args):
-    return args.sizes or PRESETS[args.preset]["sizes"]
-
-
-def make_batch(sizes, num_classes, device):
-    generator = torch.Generator().manual_seed(0)
-    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-    images = torch.zeros(len(sizes), 3, height, width)
-    mask = torch.ones(len(sizes), height, width, dtype=torch.bool)
-    targets = []
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
-        mask[i, :h, :w] = False
-        n = 8
-        boxes = torch.cat([torch.rand(n, 2, generator=generator) * 0.6 + 0.2,
-                           torch.rand(n, 2, generator=generator) * 0.3 + 0.05], 1)
-        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator).to(device),
-                        "boxes": boxes.to(device)})
-    return images.to(device), mask.to(device), targets
-
-
-def build(args, variant, backend, device):
-    """(model, criterion) on ``device`` with every MSDeformAttn layer on ``backend`` (our backends)."""
-    torch.manual_seed(0)
-    model, criterion, _ = build_model(model_config(args, variant), num_classes=NUM_CLASSES)
-    model.to(device)
-    if backend not in ("original", "onnx"):
-        for layer in model.modules():
-            if isinstance(layer, MSDeformAttn):
-                layer.backend = backend
-    return model, criterion
-
-
-@contextlib.contextmanager
-def operator_for(backend, baseline_path):
-    """The original kernel in every layer for backend "original"; nothing otherwise."""
-    if backend != "original":
-        yield None
-        return
-    if not baseline_path:
-        raise SystemExit("backend 'original' needs --baseline PATH")
-    with original_kernel_in_layers(load_original(baseline_path)) as counter:
-        yield counter
-        check_calls(counter)
-
-
-# ---------------------------------------------------------------- memory
-
-def reset_cpu_peak():
-    """Resets the process's peak RSS (Linux: VmHWM via /proc/self/clear_refs). False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def status_mib(field):
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def cpu_peak_mib(reset_worked):
-    return status_mib("VmHWM") if reset_worked else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ------------------------------------------------------------ train mode
 
 def measure_train(args, backend, amp):
@@ -307,131 +191,7 @@ def run_syncs(args):
 
 # ------------------------------------------------------------ infer mode
 
-def coco128_dir():
-    candidates = [os.environ.get("DETR_CUDA_COCO128"), os.path.join(ROOT, "..", "shared", "data", "coco128"),
-                  os.path.join(ROOT, "..", "..", "shared", "data", "coco128")]
-    return next((os.path.abspath(p) for p in candidates
-                 if p and os.path.isfile(os.path.join(p, "annotations.json"))), None)
-
-
-def pick_image(args):
-    """Path of the image to run: --image, else the coco128 image whose evaluation size comes
-    closest to short_side x max_size (widest first), else None (random pixels)."""
-    if args.image:
-        return args.image
-    folder = coco128_dir()
-    if folder is None:
-        return None
-    from detr_cuda.data.transforms import resized_size
-    with open(os.path.join(folder, "annotations.json")) as handle:
-        images = json.load(handle)["images"]
-
-    def distance(entry):
-        height, width = resized_size((entry["width"], entry["height"]), args.short_side, args.max_size)
-        return abs(height - args.short_side) + abs(width - args.max_size), entry["file_name"]
-    path = os.path.join(folder, "images", min(images, key=distance)["file_name"])
-    return path if os.path.isfile(path) else None
-
-
-def load_image(args):
-    """(images (1, 3, H, W), padding_mask (1, H, W), description)."""
-    path = pick_image(args)
-    if path is None:
-        generator = torch.Generator().manual_seed(0)
-        image = torch.randn(1, 3, args.short_side, args.max_size, generator=generator)
-        return image, torch.zeros(1, args.short_side, args.max_size, dtype=torch.bool), \
-            f"random {args.short_side}x{args.max_size} (no coco128 image found)"
-    from PIL import Image, ImageOps
-    from detr_cuda.data.transforms import build_transforms
-    cfg = load_config(None, [f"data.val_short_side={args.short_side}", f"data.val_max_size={args.max_size}"])
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
-    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-              "size": torch.tensor([image.height, image.width])}
-    tensor, _ = build_transforms(cfg.data, train=False)(image, target)
-    height, width = tensor.shape[-2:]
-    return tensor[None], torch.zeros(1, height, width, dtype=torch.bool), \
-        f"{os.path.basename(path)} {image.height}x{image.width} resized to {height}x{width}"
-
-
-def measure_infer(args, backend):
-    device, variant = args.device, args.variants[0]
-    images, mask, description = load_image(args)
-    images, mask = images.to(device), mask.to(device)
-    model, _ = build(args, variant, "reference" if backend == "onnx" else backend, device)
-    model.eval()
-    if backend == "onnx":
-        import onnxruntime
-        from detr_cuda.inference.export import export_onnx
-        path = os.path.join(tempfile.mkdtemp(prefix="bench_model_"), "model.onnx")
-        export_onnx(model, path, images.shape[-2], images.shape[-1])
-        del model  # only onnxruntime's copy of the weights stays resident
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds = {"images": images.numpy(), "padding_mask": mask.numpy()}
-
-        def forward():
-            session.run(["pred_logits", "pred_boxes"], feeds)
-    else:
-        def forward():
-            with torch.no_grad():
-                model(images, mask)
-
-    with operator_for(backend, args.baseline):
-        for _ in range(args.warmup):
-            forward()
-        synchronize(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated() / 2 ** 20
-        else:
-            reset_worked = reset_cpu_peak()
-            before = status_mib("VmRSS")
-        times = []
-        for _ in range(args.iterations):
-            start = time.perf_counter()
-            forward()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    times.sort()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else cpu_peak_mib(reset_worked)
-    return {"mode": "infer", "backend": backend, "device": device, "variant": variant, "preset": args.preset,
-            "image": description, "height": int(images.shape[-2]), "width": int(images.shape[-1]),
-            "ms_per_image": 1000 * times[len(times) // 2], "min_ms_per_image": 1000 * times[0],
-            "peak_mib": peak, "working_mib": peak - before, "iterations": args.iterations,
-            "threads": torch.get_num_threads()}
-
-
-def print_infer_table(args, rows):
-    print(f"inference, batch 1, {args.variants[0]}, device {args.device} ({device_name(args.device)}), preset "
-          f"{args.preset}, extra overrides {list(args.set) or 'none'}, image {rows[0]['image']}, "
-          f"{args.iterations} timed runs after {args.warmup}, torch {torch.__version__}, threads {rows[0]['threads']}")
-    print(f"{'backend':<10} {'ms/image (median)':>18} {'ms/image (min)':>15} {'peak MiB':>9} {'working MiB':>12} "
-          f"{'speed vs reference':>19}")
-    reference = next((r for r in rows if r["backend"] == "reference"), None)
-    for row in rows:
-        speed = f"{reference['ms_per_image'] / row['ms_per_image']:.2f}x" if reference else "-"
-        print(f"{row['backend']:<10} {row['ms_per_image']:>18.1f} {row['min_ms_per_image']:>15.1f} "
-              f"{row['peak_mib']:>9.0f} {row['working_mib']:>12.0f} {speed:>19}")
-
-
 # ------------------------------------------------------------------ main
-
-def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-
-
-def describe_run():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("GIT_COMMIT", "")  # a copy of the tree without .git (GPU machine)
-    return (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit or 'unknown'}, "
-            f"python {platform.python_version()}, {os.cpu_count()} CPUs; command: python {' '.join(sys.argv)}")
-
 
 def child_command(args, backend, amp):
     command = [sys.executable, os.path.abspath(__file__), "--mode", args.mode, "--single", backend,
@@ -446,6 +206,8 @@ def child_command(args, backend, amp):
         command += ["--baseline", args.baseline]
     if args.image:
         command += ["--image", args.image]
+    if backend == "onnx":
+        command += ["--onnx-model", args.onnx_model]
     return command
 
 
@@ -472,7 +234,7 @@ def main():
                         help="train/syncs image sizes, one per image of the batch (default: the preset's)")
     parser.add_argument("--backends", nargs="*",
                         help="default: every backend available on the device (+ onnx in CPU infer mode, + original "
-                             "on cuda with --baseline); syncs takes the first")
+                             "on cuda with --baseline); infer also takes compiled; syncs takes the first")
     parser.add_argument("--baseline", metavar="PATH",
                         help="an already built original Deformable DETR extension (.so), run as backend 'original'")
     parser.add_argument("--iterations", type=int, default=None, help="timed steps (default 10 cuda, 3 cpu)")
@@ -487,6 +249,7 @@ def main():
     parser.add_argument("--sites", type=int, default=12, help="syncs: call sites listed per scope")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    parser.add_argument("--onnx-model", help=argparse.SUPPRESS)  # internal: the parent's export, for --single onnx
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
@@ -509,16 +272,12 @@ def main():
         rows = run_syncs(args)
     else:
         backends = args.backends or default_backends(args)
-        environment = dict(os.environ)
-        if args.mode == "infer":
-            # A fixed mmap threshold makes glibc hand large freed blocks back, so the resident set
-            # follows what is allocated (and the onnx row does not carry the freed torch model).
-            environment["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        if args.mode == "infer" and "onnx" in backends:
+            args.onnx_model = export_onnx_model(args, tempfile.mkdtemp(prefix="bench_model_"))
         rows = []
         for amp in (precisions if args.mode == "train" else ["none"]):
             for backend in backends:
-                result = subprocess.run(child_command(args, backend, amp), capture_output=True, text=True,
-                                        env=environment)
+                result = subprocess.run(child_command(args, backend, amp), capture_output=True, text=True)
                 if result.returncode != 0:
                     print(f"{backend} amp={amp}: failed\n{result.stderr[-3000:]}", file=sys.stderr)
                     failed = True

@@ -36,13 +36,31 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
 
-    def forward(self, x):
+    def scale_and_shift(self):
+        """(scale, shift) per channel: this layer is x * scale + shift."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x):
+        scale, shift = self.scale_and_shift()
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def conv_frozen_bn(conv, bn, x):
+    """``bn(conv(x))`` as one convolution, the frozen affine folded into its weight and bias.
+
+    Folded at every call, not cached: a trained convolution gets its gradient through the fold, and
+    no load or optimizer step can leave a stale copy. Two passes over the activation (and one in the
+    backward) become a bias add inside the convolution; the result differs from the two-step formula
+    by float rounding only.
+    """
+    scale, shift = bn.scale_and_shift()
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv._conv_forward(x, weight, bias)
 
 
 def conv3x3(in_planes, out_planes, stride=1, dilation=1):
@@ -68,10 +86,11 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else conv_frozen_bn(*self.downsample, x)
+        out = self.relu(conv_frozen_bn(self.conv1, self.bn1, x))
+        out = conv_frozen_bn(self.conv2, self.bn2, out)
+        # In place: no backward needs a convolution's output.
+        return self.relu(out.add_(identity))
 
 
 class Bottleneck(nn.Module):
@@ -90,11 +109,12 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else conv_frozen_bn(*self.downsample, x)
+        out = self.relu(conv_frozen_bn(self.conv1, self.bn1, x))
+        out = self.relu(conv_frozen_bn(self.conv2, self.bn2, out))
+        out = conv_frozen_bn(self.conv3, self.bn3, out)
+        # In place: no backward needs a convolution's output.
+        return self.relu(out.add_(identity))
 
 
 RESNET_SPECS = {
@@ -151,7 +171,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_frozen_bn(self.conv1, self.bn1, x)))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
@@ -218,9 +238,17 @@ class Backbone(nn.Module):
         self.num_channels = self.body.num_channels[-num_levels:]
 
     def forward(self, images, padding_mask):
+        channels_last = images.device.type == "cpu"
+        if channels_last:
+            # oneDNN convolves NHWC directly; NCHW costs it a reorder in and out of every convolution.
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.body(images)[-self.num_levels:]
         outputs = []
         for feature in features:
+            if channels_last:
+                # Back to NCHW for the rest of the model: torch's channels-last GroupNorm kernel (the
+                # input projections') loses precision on small maps (10x the NCHW kernel's error).
+                feature = feature.contiguous()
             mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:])[0].to(torch.bool)
             outputs.append((feature, mask))
         return outputs

@@ -10,6 +10,7 @@ from torch import nn
 from ..ops import MSDeformAttn
 from ..util.box_ops import inverse_sigmoid
 from .deformable_encoder import clones
+from .dropout import Dropout
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -22,16 +23,16 @@ class DeformableTransformerDecoderLayer(nn.Module):
                  msda_backend=None):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.activation = nn.ReLU()
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,

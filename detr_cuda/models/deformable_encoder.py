@@ -10,6 +10,7 @@ from torch import nn
 
 from ..ops import MSDeformAttn
 from ..ops.geometry import level_shapes
+from .dropout import Dropout
 
 
 def clones(module, count):
@@ -24,13 +25,13 @@ class DeformableTransformerEncoderLayer(nn.Module):
                  msda_backend=None):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.activation = nn.ReLU()
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):

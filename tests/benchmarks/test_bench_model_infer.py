@@ -38,6 +38,19 @@ def test_infer_mode_gives_a_row_per_backend(tmp_path):
     assert "inference, batch 1" in completed.stdout and "onnx" in completed.stdout
 
 
+def test_compiled_row_runs_the_model_under_torch_compile(tmp_path):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (48, 32), (20, 130, 60)).save(image)
+    out = tmp_path / "rows.json"
+    completed = subprocess.run(
+        [sys.executable, BENCH, "--mode", "infer", "--device", "cpu", "--set", *TINY, "--image", str(image),
+         "--short-side", "32", "--max-size", "64", "--iterations", "1", "--warmup", "1", "--threads", "1",
+         "--backends", "compiled", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["backend"] for row in rows] == ["compiled"] and rows[0]["ms_per_image"] > 0
+
+
 def test_default_image_is_the_coco128_one_nearest_800x1333(tmp_path, monkeypatch):
     folder = tmp_path / "coco128"
     (folder / "images").mkdir(parents=True)
@@ -48,7 +61,7 @@ def test_default_image_is_the_coco128_one_nearest_800x1333(tmp_path, monkeypatch
         {"images": [{"file_name": n, "height": h, "width": w} for n, h, w in entries]}))
     monkeypatch.setenv("DETR_CUDA_COCO128", str(folder))
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_model", BENCH)
+    spec = importlib.util.spec_from_file_location("bench_infer", os.path.join(ROOT, "benchmarks", "bench_infer.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = argparse.Namespace(image=None, short_side=800, max_size=1333)
