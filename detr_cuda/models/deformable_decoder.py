@@ -11,6 +11,7 @@ from ..ops import MSDeformAttn
 from ..util.box_ops import inverse_sigmoid
 from .deformable_encoder import clones
 from .dropout import Dropout
+from .feed_forward import feed_forward
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -29,7 +30,6 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = nn.ReLU()
         self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout4 = Dropout(dropout)
@@ -50,7 +50,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attended = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes,
                                    level_start_index, src_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        ffn = feed_forward(tgt, self.linear1, self.dropout3, self.linear2)
         return self.norm3(tgt + self.dropout4(ffn))
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..ops import MSDeformAttn
 from ..ops.geometry import level_shapes
 from .dropout import Dropout
+from .feed_forward import feed_forward
 
 
 def clones(module, count):
@@ -28,7 +29,6 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = nn.ReLU()
         self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = Dropout(dropout)
@@ -39,7 +39,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                                   padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        ffn = feed_forward(src, self.linear1, self.dropout2, self.linear2)
         return self.norm2(src + self.dropout3(ffn))
 
 
