@@ -2,12 +2,10 @@
 resizes it; ms/image and peak memory of one backend in this process (the parent runs each in its own)."""
 import json
 import os
-import time
 
 import torch
 
-from bench_setup import (ROOT, build, cpu_peak_mib, device_name, operator_for, reset_cpu_peak, status_mib,
-                         synchronize)
+from bench_setup import ROOT, build, device_name, operator_for, timed_runs
 from detr_cuda.config import load_config
 
 
@@ -102,23 +100,7 @@ def measure_infer(args, backend):
     images, mask = images.to(device), mask.to(device)
     forward = inference_function(args, backend, images, mask)
     with operator_for(backend, args.baseline):
-        for _ in range(args.warmup):
-            forward()
-        synchronize(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated() / 2 ** 20
-        else:
-            reset_worked = reset_cpu_peak()
-            before = status_mib("VmRSS")
-        times = []
-        for _ in range(args.iterations):
-            start = time.perf_counter()
-            forward()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    times.sort()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else cpu_peak_mib(reset_worked)
+        times, peak, before = timed_runs(forward, device, args.warmup, args.iterations)
     return {"mode": "infer", "backend": backend, "device": device, "variant": variant, "preset": args.preset,
             "image": description, "height": int(images.shape[-2]), "width": int(images.shape[-1]),
             "ms_per_image": 1000 * times[len(times) // 2], "min_ms_per_image": 1000 * times[0],

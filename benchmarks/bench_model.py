@@ -45,16 +45,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_infer import export_onnx_model, measure_infer, print_infer_table  # noqa: E402
-from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, autocast, batch_sizes, build, cpu_peak_mib,  # noqa: E402
-                         describe_run, device_name, make_batch, operator_for, parse_size, reset_cpu_peak,
-                         synchronize, total_loss)
+from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, autocast, batch_sizes, build,  # noqa: E402
+                         describe_run, device_name, make_batch, operator_for, parse_size, timed_runs,
+                         total_loss)
 from detr_cuda.ops.functional import available_backends  # noqa: E402
 from host_syncs import KINDS, HostSyncCounter, format_sites  # noqa: E402
 
@@ -76,22 +75,8 @@ def measure_train(args, backend, amp):
         total_loss(losses, criterion.weight_dict).backward()
 
     with operator_for(backend, args.baseline):
-        for _ in range(args.warmup):
-            step()
-        synchronize(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_worked = reset_cpu_peak()
-        times = []
-        for _ in range(args.iterations):
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    times.sort()
+        times, peak_mib, _ = timed_runs(step, device, args.warmup, args.iterations)
     median = times[len(times) // 2]
-    peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else cpu_peak_mib(reset_worked)
     return {"mode": "train", "backend": backend, "amp": amp, "device": device, "variant": variant,
             "preset": args.preset, "batch": len(sizes), "sizes": sizes,
             "ms_per_image": 1000 * median / len(sizes), "images_per_s": len(sizes) / median,

@@ -7,6 +7,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -132,6 +133,29 @@ def cpu_peak_mib(reset_worked):
 def synchronize(device):
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_runs(run, device, warmup, iterations):
+    """Calls ``run`` ``warmup`` times untimed, then ``iterations`` times timed. Returns (the timed runs'
+    seconds, sorted; peak MiB during them: CUDA allocator peak or the process's VmHWM; MiB in use
+    before them)."""
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        reset_worked = reset_cpu_peak()
+        before = status_mib("VmRSS")
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else cpu_peak_mib(reset_worked)
+    return sorted(times), peak, before
 
 
 def device_name(device):
