@@ -11,7 +11,7 @@ Layouts understood:
 Loading never runs code pickled in a file: :func:`load_file` is ``torch.load(weights_only=True)``
 with exactly one class allowed beyond tensors and plain containers, ``argparse.Namespace`` (the
 official releases' ``args``). A file that needs anything else is refused with a message naming
-the offending global and the file; there is no fallback to ``weights_only=False``.
+the offending global and the file; there is no fallback to unrestricted unpickling.
 
 :func:`load_weights` copies a file's weights into a model and reports what it did: class rows
 (``class_embed``) and the DN label book (``label_enc``) are matched by category, by name where
