@@ -51,9 +51,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_infer import export_onnx_model, measure_infer, print_infer_table  # noqa: E402
-from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, autocast, batch_sizes, build,  # noqa: E402
-                         describe_run, device_name, make_batch, operator_for, parse_size, timed_runs,
-                         total_loss)
+from bench_setup import (NUM_CLASSES, PRESETS, VARIANTS, batch_sizes, build, describe_run,  # noqa: E402
+                         device_name, make_batch, operator_for, parse_size, timed_runs)
+from detr_cuda.engine.trainer import weighted_total  # noqa: E402
+from detr_cuda.util.device import autocast_context  # noqa: E402
 from detr_cuda.ops.functional import available_backends  # noqa: E402
 from host_syncs import KINDS, HostSyncCounter, format_sites  # noqa: E402
 
@@ -70,9 +71,9 @@ def measure_train(args, backend, amp):
 
     def step():
         model.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with autocast_context(torch.device(device), amp):
             losses = criterion(model(images, mask, targets), targets)
-        total_loss(losses, criterion.weight_dict).backward()
+        weighted_total(losses, criterion.weight_dict).backward()
 
     with operator_for(backend, args.baseline):
         times, peak_mib, _ = timed_runs(step, device, args.warmup, args.iterations)
@@ -123,7 +124,7 @@ def count_syncs(args, variant, backend):
             outputs = model(images, mask, targets)
         with phase("criterion"):
             losses = criterion(outputs, targets)
-            total = total_loss(losses, criterion.weight_dict)
+            total = weighted_total(losses, criterion.weight_dict)
         with phase("backward"):
             total.backward()
 

@@ -38,18 +38,6 @@ PRESETS = {
 NUM_CLASSES = 91
 
 
-def autocast(device, amp):
-    """torch.autocast for amp in none / bf16 / fp16 (train.amp's values)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-
-def total_loss(losses, weight_dict):
-    """The training loss: sum of the weighted terms (as the training loop weights them)."""
-    return sum(losses[name] * weight for name, weight in weight_dict.items() if name in losses)
-
-
 def parse_size(text):
     height, _, width = text.lower().partition("x")
     return int(height), int(width)
