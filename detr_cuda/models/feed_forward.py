@@ -36,8 +36,11 @@ class ReluDropoutFeedForward(torch.autograd.Function):
             grad_w2 = grad_out.t().mm(hidden)
         if ctx.needs_input_grad[4]:
             grad_b2 = grad_out.sum(0)
-        # d hidden / d (x w1^T + b1): the scale where hidden is nonzero (ReLU passed, mask kept), else 0.
-        grad_pre = grad_out.mm(w2).masked_fill_(hidden == 0, 0).mul_(ctx.scale)
+        # d hidden / d (x w1^T + b1): the scale where hidden > 0 (ReLU passed, mask kept), else 0; the
+        # gate is ReLU's own backward kernel, written in place (one pass, no boolean temporary).
+        grad_hidden = grad_out.mm(w2)
+        grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0, grad_input=grad_hidden)
+        grad_pre.mul_(ctx.scale)
         if ctx.needs_input_grad[0]:
             grad_x = grad_pre.mm(w1)
         if ctx.needs_input_grad[1]:
