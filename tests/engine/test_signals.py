@@ -144,9 +144,11 @@ def test_a_failure_with_loader_workers_exits_non_zero_and_stops_the_workers(tmp_
 
 def test_a_second_ctrl_c_interrupts_at_once_with_loader_workers(tmp_path):
     # Ctrl-C reaches the whole group; the second one raises KeyboardInterrupt in the main process.
-    # Four micro-batches per step keep the first stop request pending while the second arrives.
-    args = tiny_args(tmp_path, extra=["train.max_steps=100000", "data.num_workers=1", "train.accumulate_steps=4",
-                                      "data.synthetic_train_images=16"])
+    # 48 micro-batches make a step of about a second, so the first stop request is still pending
+    # (it is honoured at the step's end) when the second arrives 0.1 s later; with 4 (~0.1 s a
+    # step) the run had sometimes already stopped and saved, and exited 0.
+    args = tiny_args(tmp_path, extra=["train.max_steps=100000", "data.num_workers=1", "train.accumulate_steps=48",
+                                      "data.synthetic_train_images=192"])
     process = subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env(), cwd=REPO_ROOT, start_new_session=True)
     try:
