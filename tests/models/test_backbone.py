@@ -122,12 +122,14 @@ def test_resnet_with_folded_bn_equals_the_plain_formula(name):
             assert_close_at_scale(mine, reference, tolerance)
         # The gradient through the fold, in float64: at layer3 the 64x96 input has 4x6 pixels, so in
         # float32 one ReLU gate that rounding flips moves the gradient by a percent (seen when oneDNN
-        # picked another convolution algorithm after other tests had run).
+        # picked another convolution algorithm after other tests had run). In float64 the sums behind
+        # this gradient cancel heavily (16 blocks of random statistics): over 30 random weight draws
+        # the error reached 1.2e-8 of max|grad| (1 draw in 10 above 1e-8); a wrong fold is O(1).
         folded64 = copy.deepcopy(body).double()
         weight, weight64 = folded64.layer3[0].conv2.weight, plain64.layer3[0].conv2.weight
         grad = torch.autograd.grad(sum(f.sum() for f in folded64(x.double())), weight)[0]
         grad64 = torch.autograd.grad(sum(f.sum() for f in references), weight64)[0]
-        assert_close_at_scale(grad, grad64, 1e-8)
+        assert_close_at_scale(grad, grad64, 1e-6)
 
     check()
     # Nothing folded is kept: changed weights and statistics show in the next forward.
