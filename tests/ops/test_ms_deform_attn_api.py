@@ -269,3 +269,29 @@ def test_layer_cpu_matches_reference_with_padding_mask(reference_dims):
     changed[1, 10:30] += 100.0
     torch.testing.assert_close(layer(query, reference_points, changed, spatial_shapes, level_start_index,
                                      padding_mask), results[0][0].detach())
+
+
+@pytest.mark.parametrize("reference_dims", [2, 4])
+def test_sampling_locations_are_the_published_formula_bitwise(reference_dims):
+    """The layer divides the offsets laid out flat (a speed-up); the values are the formula's."""
+    generator = fresh_generator()
+    layer = MSDeformAttn(d_model=64, n_levels=4, n_heads=8, n_points=4)
+    with torch.no_grad():
+        layer.sampling_offsets.weight.normal_(0, 3.0, generator=generator)
+    spatial_shapes, _, _ = level_geometry(FOUR_LEVELS)
+    query = torch.randn(2, 9, 64, generator=generator, requires_grad=True)
+    reference_points = torch.rand(2, 9, 4, reference_dims, generator=generator, requires_grad=True)
+    locations, weights = layer.sampling_locations(query, reference_points, spatial_shapes)
+    offsets = layer.sampling_offsets(query).view(2, 9, 8, 4, 4, 2)
+    if reference_dims == 2:
+        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).float()
+        expected = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    else:
+        expected = (reference_points[:, :, None, :, None, :2]
+                    + offsets / 4 * reference_points[:, :, None, :, None, 2:] * 0.5)
+    assert torch.equal(locations, expected)
+    assert weights.shape == (2, 9, 8, 4, 4)
+    grad = torch.randn(expected.shape, generator=generator)
+    for mine, theirs in zip(torch.autograd.grad(locations, (query, reference_points), grad),
+                            torch.autograd.grad(expected, (query, reference_points), grad)):
+        assert torch.equal(mine, theirs)
