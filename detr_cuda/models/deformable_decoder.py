@@ -6,12 +6,52 @@ self-attention, norm1 after the cross-attention) is the original's and fixes the
 """
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..ops import MSDeformAttn
 from ..util.box_ops import inverse_sigmoid
 from .deformable_encoder import clones
 from .dropout import Dropout
 from .feed_forward import feed_forward
+
+
+def attention_bias(mask, batch, heads, dtype):
+    """A bool self-attention mask (True = blocked) as the additive float mask that
+    scaled_dot_product_attention broadcasts over (B, heads, T, T): 0 where allowed, -inf where
+    blocked. mask: (T, T), (B, T, T) (one per image, shared by the heads, kept (B, 1, T, T)) or
+    (B * heads, T, T); a float mask is taken as already additive."""
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        mask = mask.view(batch, heads, *mask.shape[1:]) if mask.shape[0] == batch * heads else mask[:, None]
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def query_self_attention(attention, query_key, value, mask=None):
+    """What ``attention(q, k, v, attn_mask=mask, need_weights=False)`` computes for an
+    nn.MultiheadAttention (q = k = ``query_key``), batch first, with a per-image mask broadcast over
+    the heads instead of repeated per head: nn.MultiheadAttention takes (B * heads, T, T) and
+    autograd then keeps two float copies of it per layer.
+
+    query_key, value: (B, T, C); mask: as :func:`attention_bias` takes it, or its result.
+    Returns (B, T, C).
+    """
+    batch, total, channels = value.shape
+    heads = attention.num_heads
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+
+    def split_heads(x):  # (B, T, C) -> (B, heads, T, C / heads)
+        return x.view(batch, total, heads, channels // heads).transpose(1, 2)
+    q = split_heads(F.linear(query_key, w_q, b_q))
+    k = split_heads(F.linear(query_key, w_k, b_k))
+    v = split_heads(F.linear(value, w_v, b_v))
+    bias = attention_bias(mask, batch, heads, q.dtype)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                              dropout_p=attention.dropout if attention.training else 0.0)
+    return attention.out_proj(attended.transpose(1, 2).reshape(batch, total, channels))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -40,12 +80,11 @@ class DeformableTransformerDecoderLayer(nn.Module):
         """
         tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2 or 4) on the padded canvas;
         src: (B, S, C); src_padding_mask: (B, S) bool; self_attn_mask: None or bool
-        (Q, Q) / (B * n_heads, Q, Q), True = query i may not attend to query j.
+        (Q, Q) / (B, Q, Q) / (B * n_heads, Q, Q), True = query i may not attend to query j, or
+        that mask already made additive by :func:`attention_bias`.
         Returns (B, Q, C).
         """
-        q = k = tgt + query_pos
-        attended = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1),
-                                  attn_mask=self_attn_mask, need_weights=False)[0].transpose(0, 1)
+        attended = query_self_attention(self.self_attn, tgt + query_pos, tgt, self_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes,
                                    level_start_index, src_padding_mask)

@@ -20,11 +20,14 @@ def clones(module, count):
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
-    """Post-norm: src = norm1(src + drop(MSDeformAttn(src + pos))); src = norm2(src + drop(FFN(src)))."""
+    """Post-norm: src = norm1(src + drop(MSDeformAttn(src + pos))); src = norm2(src + drop(FFN(src))).
+    ``ffn_recompute``: the FFN keeps no hidden activation for the backward when there is no dropout
+    (see :mod:`.feed_forward`)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
-                 msda_backend=None):
+                 msda_backend=None, ffn_recompute=False):
         super().__init__()
+        self.ffn_recompute = ffn_recompute
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
         self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
@@ -39,7 +42,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                                   padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = feed_forward(src, self.linear1, self.dropout2, self.linear2)
+        ffn = feed_forward(src, self.linear1, self.dropout2, self.linear2, self.ffn_recompute)
         return self.norm2(src + self.dropout3(ffn))
 
 

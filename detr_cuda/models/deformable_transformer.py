@@ -34,7 +34,7 @@ from torch import nn
 from ..ops import MSDeformAttn, level_geometry
 from ..ops.geometry import level_shapes
 from .anchor_decoder import AnchorDeformableDecoder
-from .deformable_decoder import DeformableTransformerDecoder, DeformableTransformerDecoderLayer
+from .deformable_decoder import DeformableTransformerDecoder, DeformableTransformerDecoderLayer, attention_bias
 from .deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
 from .position_encoding import sine_features
 
@@ -68,7 +68,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300, msda_backend=None,
-                 query_type="deformable"):
+                 query_type="deformable", ffn_recompute=False):
         super().__init__()
         if query_type not in QUERY_TYPES:
             raise ValueError(f"query_type must be one of {QUERY_TYPES}, got {query_type!r}")
@@ -78,7 +78,7 @@ class DeformableTransformer(nn.Module):
         self.two_stage_num_proposals = two_stage_num_proposals
         self.query_type = query_type
         encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                                          nhead, enc_n_points, msda_backend)
+                                                          nhead, enc_n_points, msda_backend, ffn_recompute)
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                           nhead, dec_n_points, msda_backend)
@@ -273,15 +273,16 @@ class DeformableTransformer(nn.Module):
         reference_points = torch.cat([prefix_reference.to(reference_points), reference_points], 1)
         return tgt, query_pos, reference_points
 
-    def heads_mask(self, self_attn_mask, batch, total):
-        """A (B, N+Q, N+Q) mask expanded over the attention heads to (B * nhead, N+Q, N+Q); a 2-d
-        (N+Q, N+Q) or already expanded mask is used as it is."""
-        if self_attn_mask is None or self_attn_mask.dim() == 2 or self_attn_mask.shape[0] == batch * self.nhead:
-            return self_attn_mask
-        if tuple(self_attn_mask.shape) != (batch, total, total):
+    def attention_bias(self, self_attn_mask, batch, total, dtype):
+        """The bool mask (N+Q, N+Q), (B, N+Q, N+Q) or (B * nhead, N+Q, N+Q) checked and made additive
+        once for every decoder layer: float (1 or B, 1 or nhead, N+Q, N+Q), -inf where blocked."""
+        if self_attn_mask is None:
+            return None
+        leading = tuple(self_attn_mask.shape[:-2])
+        if leading not in ((), (batch,), (batch * self.nhead,)) or tuple(self_attn_mask.shape[-2:]) != (total, total):
             raise ValueError(f"self_attn_mask must be (N+Q, N+Q), (B, N+Q, N+Q) or (B * nhead, N+Q, N+Q) with "
                              f"N+Q = {total}, B = {batch}; got {tuple(self_attn_mask.shape)}")
-        return self_attn_mask.repeat_interleave(self.nhead, dim=0)
+        return attention_bias(self_attn_mask, batch, self.nhead, dtype)
 
     def forward(self, srcs, masks, pos_embeds, queries=None, prefix_queries=None, self_attn_mask=None):
         """
@@ -295,7 +296,7 @@ class DeformableTransformer(nn.Module):
             self.select_queries(encoded, queries)
         if prefix_queries is not None:
             tgt, query_pos, reference_points = self.add_prefix(tgt, query_pos, reference_points, prefix_queries)
-        self_attn_mask = self.heads_mask(self_attn_mask, tgt.shape[0], tgt.shape[1])
+        self_attn_mask = self.attention_bias(self_attn_mask, tgt.shape[0], tgt.shape[1], tgt.dtype)
         hs, inter_references = self.decoder(tgt, reference_points, encoded["memory"], encoded["spatial_shapes"],
                                             encoded["level_start_index"], encoded["valid_ratios"], query_pos,
                                             encoded["mask"], self_attn_mask)
@@ -310,4 +311,5 @@ def build_deformable_transformer(cfg):
         dropout=model_cfg.dropout, num_feature_levels=model_cfg.num_feature_levels,
         dec_n_points=model_cfg.dec_n_points, enc_n_points=model_cfg.enc_n_points,
         two_stage=model_cfg.two_stage, two_stage_num_proposals=model_cfg.num_queries,
-        msda_backend=model_cfg.msda_backend, query_type=model_cfg.query_type)
+        msda_backend=model_cfg.msda_backend, query_type=model_cfg.query_type,
+        ffn_recompute=model_cfg.ffn_recompute)
