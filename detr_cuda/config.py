@@ -42,7 +42,7 @@ class ModelConfig:
     dec_layers: int = 6
     dim_feedforward: int = 1024
     dropout: float = 0.1
-    ffn_recompute: bool = True            # with dropout 0 (DN, DINO recipes), the encoder FFN keeps no (tokens x dim_feedforward) hidden for the backward: recomputed block by block (detr_cuda/models/feed_forward.py); no effect with dropout
+    ffn_recompute: str = "cpu"            # with dropout 0 (DN, DINO recipes), the encoder FFN keeps no (tokens x dim_feedforward) hidden for the backward, recomputed block by block (detr_cuda/models/feed_forward.py): "cpu" (there it costs no time), "always" (a GPU trades ~1/6 more FFN products for the memory), "never"; no effect with dropout
     num_queries: int = 300
     num_feature_levels: int = 4           # 1 = single-scale variant
     backbone_levels: int = 3              # ResNet stages a multi-scale model reads: 3 = C3-C5 (strides 8-32), 4 = C2-C5 (from stride 4, DINO-5scale)

@@ -19,6 +19,7 @@ CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "model.query_type": ("deformable", "anchor", "dino"),
     "model.msda_backend": ("auto", "cpu", "cuda", "reference"),  # or null; any letter case
+    "model.ffn_recompute": ("cpu", "always", "never"),
     "data.dataset": ("coco", "synthetic"),
     "data.format": ("coco", "yolo", "voc"),
     "data.invalid_annotations": ("fail", "skip"),

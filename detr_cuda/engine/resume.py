@@ -35,7 +35,7 @@ TAKES_EFFECT = ("train.lr", "train.lr_backbone", "train.lr_linear_proj_mult", "t
                 "dn.label_noise_ratio", "dn.box_noise_scale", "dn.dn_groups", "dn.max_dn_queries", "dn.contrastive",
                 "data.train_short_sides", "data.train_max_size", "data.crop_resize_sides", "data.crop_min_size",
                 "data.crop_max_size", "data.random_crop", "data.horizontal_flip", "data.invalid_annotations",
-                "model.msda_backend")
+                "model.msda_backend", "model.ffn_recompute")
 
 
 @dataclass

@@ -21,12 +21,14 @@ def clones(module, count):
 
 class DeformableTransformerEncoderLayer(nn.Module):
     """Post-norm: src = norm1(src + drop(MSDeformAttn(src + pos))); src = norm2(src + drop(FFN(src))).
-    ``ffn_recompute``: the FFN keeps no hidden activation for the backward when there is no dropout
-    (see :mod:`.feed_forward`)."""
+    ``ffn_recompute``: "cpu", "always" or "never": where the FFN keeps no hidden activation for the
+    backward when there is no dropout (see :mod:`.feed_forward`)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4,
-                 msda_backend=None, ffn_recompute=False):
+                 msda_backend=None, ffn_recompute="cpu"):
         super().__init__()
+        if ffn_recompute not in ("cpu", "always", "never"):
+            raise ValueError(f"ffn_recompute must be 'cpu', 'always' or 'never', got {ffn_recompute!r}")
         self.ffn_recompute = ffn_recompute
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
         self.dropout1 = Dropout(dropout)
@@ -42,7 +44,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                                   padding_mask)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = feed_forward(src, self.linear1, self.dropout2, self.linear2, self.ffn_recompute)
+        recompute = self.ffn_recompute == "always" or (self.ffn_recompute == "cpu" and src.device.type == "cpu")
+        ffn = feed_forward(src, self.linear1, self.dropout2, self.linear2, recompute)
         return self.norm2(src + self.dropout3(ffn))
 
 

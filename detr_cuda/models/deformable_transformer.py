@@ -68,7 +68,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300, msda_backend=None,
-                 query_type="deformable", ffn_recompute=False):
+                 query_type="deformable", ffn_recompute="cpu"):
         super().__init__()
         if query_type not in QUERY_TYPES:
             raise ValueError(f"query_type must be one of {QUERY_TYPES}, got {query_type!r}")

@@ -10,11 +10,12 @@ there the derivative of ``dropout(relu(.))`` is the mask's scale ``1 / (1 - p)``
 output, and its backward gate in place on the incoming gradient, so no step allocates a second
 hidden-sized buffer.
 
-``recompute=True`` (no dropout only; ``model.ffn_recompute``, on by default, asks it for the encoder
-layers) keeps no hidden tensor at all: the forward runs the block over blocks of rows through one
+``recompute=True`` (no dropout only; ``model.ffn_recompute``, by default on the CPU, asks it for the
+encoder layers) keeps no hidden tensor at all: the forward runs the block over blocks of rows through one
 small reused hidden buffer, and the backward recomputes each block's hidden from the block's input
 with linear1 (one more (rows, C) x (C, d_ffn) product, about 1/6 of the block's matrix work). Large
-fresh buffers cost page faults on the CPU, so the blocked passes lose little or no time. DN training
+fresh buffers cost page faults on the CPU, so there the blocked passes lose little or no time (on a
+GPU the extra product is a plain trade of time for memory). DN training
 step on the CPU (R50, 2 images): peak resident memory 2317 -> 2083 MiB at short side 320 and
 3986 -> 3406 MiB at 512, step time unchanged at 320 and ~7 % faster at 512 (benchmarks/RESULTS.md).
 

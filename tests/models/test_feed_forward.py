@@ -144,16 +144,34 @@ def test_a_model_without_dropout_trains_the_same_with_and_without_recompute(monk
     from tests.support.models import padded_batch
     small_blocks(monkeypatch, 64)  # the 96 x 128 image's 252 encoder tokens: 4 blocks
     results = []
-    for recompute in (False, True):
+    for mode in ("never", "cpu"):
         torch.manual_seed(0)
-        model, _, _ = build_model(tiny_model_config("model.dropout=0.0", f"model.ffn_recompute={recompute}"), 4)
-        assert all(layer.ffn_recompute is recompute for layer in model.transformer.encoder.layers)
+        model, _, _ = build_model(tiny_model_config("model.dropout=0.0", f"model.ffn_recompute={mode}"), 4)
+        assert all(layer.ffn_recompute == mode for layer in model.transformer.encoder.layers)
         model.train()
         images, mask = padded_batch([(96, 128)])
-        outputs = model(images, mask)
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = model(images, mask)
         loss = outputs["pred_logits"].square().sum() + outputs["pred_boxes"].sum()
         parameters = [p for p in model.parameters() if p.requires_grad]
-        results.append((outputs["pred_logits"], torch.autograd.grad(loss, parameters)))
+        results.append((outputs["pred_logits"], torch.autograd.grad(loss, parameters), sum(saved)))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    ffn_hidden_bytes = 256 * 64 * 4  # 256 encoder tokens x dim_feedforward 64, the one encoder layer
+    assert results[0][2] - results[1][2] >= 0.9 * ffn_hidden_bytes
+
+
+def test_ffn_recompute_modes():
+    from detr_cuda.config import ConfigError
+    from detr_cuda.models.deformable_encoder import DeformableTransformerEncoderLayer
+    from tests.support.configs import tiny_model_config
+    with pytest.raises(ConfigError, match="model.ffn_recompute: 'sometimes' is not one of cpu, always, never"):
+        tiny_model_config("model.ffn_recompute=sometimes")
+    with pytest.raises(ValueError, match="ffn_recompute must be"):
+        DeformableTransformerEncoderLayer(ffn_recompute=True)
