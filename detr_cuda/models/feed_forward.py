@@ -8,7 +8,7 @@ masked hidden alone is enough: it is nonzero exactly where the ReLU passed and t
 there the derivative of ``dropout(relu(.))`` is the mask's scale ``1 / (1 - p)``. Without dropout
 (DN-DETR's recipe) the block is the same with no mask; the ReLU then runs in place on linear1's
 output, and its backward gate in place on the incoming gradient, so no step allocates a second
-hidden-sized buffer.
+hidden-sized buffer. The backward runs over blocks of rows through small reused buffers.
 
 ``recompute=True`` (no dropout only; ``model.ffn_recompute``, by default on the CPU, asks it for the
 encoder layers) keeps no hidden tensor at all: the forward runs the block over blocks of rows through one
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from .dropout import scaled_keep_mask
 
 
-# recompute: rows per block, by device type. On the CPU a 1024 x 2048 float hidden block (8 MiB) is
-# reused from block to block; on a GPU larger blocks keep the kernel launches few.
+# Rows per block of the blocked passes, by device type. On the CPU a 1024 x 2048 float hidden block
+# (8 MiB) is reused from block to block; on a GPU larger blocks keep the kernel launches few.
 ROWS_PER_BLOCK = {"cpu": 1024}
 GPU_ROWS_PER_BLOCK = 16384
 
@@ -80,55 +80,38 @@ class ReluDropoutFeedForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """Block by block (``_blocks``): each block's hidden (sliced from the saved one, or
+        recomputed into one small buffer), its gradient in one small buffer, the weight gradients
+        summed over the blocks. No hidden-sized temporary is allocated."""
         x, w1, w2, saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        grad_b2 = grad_out.sum(0) if needs[4] else None
-        if ctx.recompute:
-            return (*ReluDropoutFeedForward.blocked_backward(grad_out, x, w1, saved, w2, needs), grad_b2,
-                    None, None, None)
-        hidden = saved
-        grad_x = grad_w1 = grad_b1 = grad_w2 = None
-        if needs[3]:
-            grad_w2 = grad_out.t().mm(hidden)
-        # d hidden / d (x w1^T + b1): the scale where hidden > 0 (ReLU passed, mask kept), else 0; the
-        # gate is ReLU's own backward kernel, written in place (one pass, no boolean temporary).
-        grad_hidden = grad_out.mm(w2)
-        grad_pre = torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden, 0, grad_input=grad_hidden)
-        if ctx.scale != 1.0:
-            grad_pre.mul_(ctx.scale)
-        if needs[0]:
-            grad_x = grad_pre.mm(w1)
-        if needs[1]:
-            grad_w1 = grad_pre.t().mm(x)
-        if needs[2]:
-            grad_b1 = grad_pre.sum(0)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
-
-    @staticmethod
-    def blocked_backward(grad_out, x, w1, b1, w2, needs):
-        """(grad_x, grad_w1, grad_b1, grad_w2) with each block's hidden recomputed into one small
-        buffer; the weight gradients summed over the blocks."""
         grad_x = x.new_empty(x.shape) if needs[0] else None
         grad_w1 = w1.new_zeros(w1.shape) if needs[1] else None
-        grad_b1 = b1.new_zeros(b1.shape) if needs[2] else None
+        grad_b1 = w1.new_zeros(w1.shape[0]) if needs[2] else None
         grad_w2 = w2.new_zeros(w2.shape) if needs[3] else None
         size = (_block_rows(x), w1.shape[0])
-        hidden_buffer, grad_buffer = x.new_empty(size), x.new_empty(size)
+        hidden_buffer = x.new_empty(size) if ctx.recompute else None
+        grad_buffer = x.new_empty(size)
         for rows in _blocks(x):
             count = rows.stop - rows.start
-            hidden = _hidden(x[rows], w1, b1, out=hidden_buffer[:count])
+            hidden = _hidden(x[rows], w1, saved, out=hidden_buffer[:count]) if ctx.recompute else saved[rows]
             if grad_w2 is not None:
                 grad_w2.addmm_(grad_out[rows].t(), hidden)
+            # d hidden / d (x w1^T + b1): the scale where hidden > 0 (ReLU passed, mask kept), else 0;
+            # the gate is ReLU's own backward kernel, written in place (one pass, no boolean temporary).
             grad_pre = torch.mm(grad_out[rows], w2, out=grad_buffer[:count])
             torch.ops.aten.threshold_backward.grad_input(grad_pre, hidden, 0, grad_input=grad_pre)
+            if ctx.scale != 1.0:
+                grad_pre.mul_(ctx.scale)
             if grad_x is not None:
                 torch.mm(grad_pre, w1, out=grad_x[rows])
             if grad_w1 is not None:
                 grad_w1.addmm_(grad_pre.t(), x[rows])
             if grad_b1 is not None:
                 grad_b1.add_(grad_pre.sum(0))
-        return grad_x, grad_w1, grad_b1, grad_w2
+        grad_b2 = grad_out.sum(0) if needs[4] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
 def feed_forward(x, linear1, dropout, linear2, recompute=False):

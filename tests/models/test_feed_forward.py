@@ -15,7 +15,13 @@ def block(d_model=16, d_ffn=40, p=0.3):
     return nn.Linear(d_model, d_ffn), Dropout(p), nn.Linear(d_ffn, d_model)
 
 
-def test_gradients_in_float64_with_a_mask():
+def small_blocks(monkeypatch, rows):
+    import detr_cuda.models.feed_forward as module
+    monkeypatch.setitem(module.ROWS_PER_BLOCK, "cpu", rows)
+
+
+def test_gradients_in_float64_with_a_mask(monkeypatch):
+    small_blocks(monkeypatch, 3)  # the backward's blocks: 3, 3, 1 rows
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(9, 5, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -92,11 +98,6 @@ def test_without_dropout_the_relu_and_its_gate_run_in_place_and_match_the_module
                             torch.autograd.grad(expected.square().sum(), params)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert saved_bytes(feed_forward, x, linear1, dropout, linear2) < saved_bytes(plain, x, linear1, dropout, linear2)
-
-
-def small_blocks(monkeypatch, rows):
-    import detr_cuda.models.feed_forward as module
-    monkeypatch.setitem(module.ROWS_PER_BLOCK, "cpu", rows)
 
 
 def test_recompute_gradients_in_float64_over_several_blocks(monkeypatch):
