@@ -74,7 +74,9 @@ class MSDeformAttn(nn.Module):
                 [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1).to(query.dtype)
             per_offset = offset_normalizer[None, :, None, :].expand(
                 self.n_heads, self.n_levels, self.n_points, 2).reshape(-1)
-            sampling_locations = (sampling_offsets / per_offset).view(offsets_shape).add_(
+            normalized = (sampling_offsets / per_offset).view(offsets_shape)
+            # In place, but in the dtype the sum promotes to (float16 offsets + float32 points stay float32).
+            sampling_locations = normalized.to(torch.promote_types(normalized.dtype, reference_points.dtype)).add_(
                 reference_points[:, :, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             # Offsets scale with the box: the init grid's last point lands on its border.
