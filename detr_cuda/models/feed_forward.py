@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from .dropout import scaled_keep_mask
 
 
-# Rows per block of the blocked passes, by device type. On the CPU a 1024 x 2048 float hidden block
-# (8 MiB) is reused from block to block; on a GPU larger blocks keep the kernel launches few.
-ROWS_PER_BLOCK = {"cpu": 1024}
+# Rows per block of the blocked passes. On the CPU a 1024 x 2048 float hidden block (8 MiB) is reused
+# from block to block; on a GPU larger blocks keep the kernel launches few.
+CPU_ROWS_PER_BLOCK = 1024
 GPU_ROWS_PER_BLOCK = 16384
 
 
@@ -44,7 +44,8 @@ def _hidden(x, w1, b1, out=None):
 
 
 def _block_rows(x):
-    return min(ROWS_PER_BLOCK.get(x.device.type, GPU_ROWS_PER_BLOCK), max(x.shape[0], 1))
+    rows = CPU_ROWS_PER_BLOCK if x.device.type == "cpu" else GPU_ROWS_PER_BLOCK
+    return min(rows, max(x.shape[0], 1))
 
 
 def _blocks(x):

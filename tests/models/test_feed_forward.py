@@ -17,7 +17,7 @@ def block(d_model=16, d_ffn=40, p=0.3):
 
 def small_blocks(monkeypatch, rows):
     import detr_cuda.models.feed_forward as module
-    monkeypatch.setitem(module.ROWS_PER_BLOCK, "cpu", rows)
+    monkeypatch.setattr(module, "CPU_ROWS_PER_BLOCK", rows)
 
 
 def test_gradients_in_float64_with_a_mask(monkeypatch):
